@@ -1,0 +1,25 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+import bcp_minimal as bm  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """6 train + 2 test phantoms of 24x24x16 voxels in the official layout."""
+    root = tmp_path_factory.mktemp("tiny")
+    return bm.make_sample_data(root, n_train=6, n_test=2, shape=(24, 24, 16), seed=1)
+
+
+def tiny_cfg(root, out, **kw):
+    base = dict(root=str(root), out=str(out), labeled=2, pretrain_iters=3, selftrain_iters=4,
+                patch=(16, 16, 16), batch_size=8, width=2, log_every=1, ckpt_every=2,
+                eval_stride=(8, 8, 8), device="cpu")
+    base.update(kw)
+    return bm.make_config("sample", **base)

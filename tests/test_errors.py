@@ -1,0 +1,167 @@
+"""Bad input: exit status 2, one message naming the file and the fix, no traceback."""
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+from conftest import ROOT
+
+import bcp_minimal as bm
+
+FAST = ["--pretrain-iters", "1", "--selftrain-iters", "1", "--patch", "16", "16", "16", "--width", "2",
+        "--batch-size", "8", "--eval-stride", "8", "8", "8", "--device", "cpu", "--log-every", "1",
+        "--ckpt-every", "1"]
+
+
+@pytest.fixture()
+def data(tiny_data, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    return root
+
+
+def run(capsys, *argv):
+    code = bm.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def case_file(root, i=0):
+    case = (root / "train.list").read_text().split()[i]
+    return root / bm.CASES_DIR / case / bm.CASE_FILE
+
+
+def test_missing_root(capsys, tmp_path):
+    code, err = run(capsys, "--root", tmp_path / "nowhere", "--out", tmp_path / "o", *FAST)
+    assert code == 2 and "nowhere" in err and "--download" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", ["train.list", "test.list"])
+def test_missing_list(capsys, data, tmp_path, name):
+    (data / name).unlink()
+    code, err = run(capsys, "--root", data, "--out", tmp_path / "o", *FAST)
+    assert code == 2 and name in err
+
+
+def test_list_names_missing_case(capsys, data, tmp_path):
+    with open(data / "train.list", "a") as f:
+        f.write("GHOSTCASE\n")
+    code, err = run(capsys, "--root", data, "--out", tmp_path / "o", *FAST)
+    assert code == 2 and "GHOSTCASE" in err and "remove it from the list" in err
+
+
+@pytest.mark.parametrize("key", ["image", "label"])
+def test_h5_without_key(capsys, data, tmp_path, key):
+    path = case_file(data)
+    with h5py.File(path, "a") as f:
+        del f[key]
+    code, err = run(capsys, "--root", data, "--out", tmp_path / "o", *FAST)
+    assert code == 2 and str(path) in err and repr(key) in err
+
+
+def test_corrupt_h5(capsys, data, tmp_path):
+    path = case_file(data, 1)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 3])  # truncated
+    code, err = run(capsys, "--root", data, "--out", tmp_path / "o", *FAST)
+    assert code == 2 and str(path) in err and "corrupt" in err
+
+
+def _rewrite(path, image=None, label=None):
+    with h5py.File(path, "r") as f:
+        im, lb = f["image"][()], f["label"][()]
+    with h5py.File(path, "w") as f:
+        f["image"] = im if image is None else image(im)
+        f["label"] = lb if label is None else label(lb)
+
+
+def test_label_out_of_range(capsys, data, tmp_path):
+    path = case_file(data)
+    _rewrite(path, label=lambda lb: np.where(lb > 0, 7, 0).astype(np.uint8))
+    code, err = run(capsys, "--root", data, "--out", tmp_path / "o", *FAST)
+    assert code == 2 and str(path) in err and "7" in err and "num-classes" in err
+
+
+def test_shape_mismatch(capsys, data, tmp_path):
+    path = case_file(data)
+    _rewrite(path, label=lambda lb: lb[:-1])
+    code, err = run(capsys, "--root", data, "--out", tmp_path / "o", *FAST)
+    assert code == 2 and str(path) in err and "shape" in err
+
+
+def test_nan_in_image(capsys, data, tmp_path):
+    path = case_file(data)
+
+    def poison(im):
+        im = im.copy()
+        im[3, 3, 3] = np.nan
+        return im
+    _rewrite(path, image=poison)
+    code, err = run(capsys, "--root", data, "--out", tmp_path / "o", *FAST)
+    assert code == 2 and str(path) in err and "NaN" in err
+
+
+def test_too_many_labeled(capsys, data, tmp_path):
+    code, err = run(capsys, "--root", data, "--out", tmp_path / "o", "--labeled", 99, *FAST)
+    assert code == 2 and "--labeled 99" in err and "train.list" in err
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--beta", "1.5", "--beta"), ("--beta", "0", "--beta"), ("--alpha", "-1", "--alpha"),
+    ("--batch-size", "6", "--batch-size"), ("--batch-size", "3", "--batch-size"),
+])
+def test_argument_errors_before_any_work(capsys, tmp_path, flag, value, needle):
+    # the root does not even exist: argument checks come first
+    code, err = run(capsys, "--root", tmp_path / "nowhere", "--out", tmp_path / "o", *FAST, flag, value)
+    assert code == 2 and needle in err and "does not exist" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_patch_not_divisible(capsys, tmp_path):
+    code, err = run(capsys, "--out", tmp_path / "o", *FAST, "--patch", "20", "16", "16")
+    assert code == 2 and "--patch 20 16 16" in err and "16" in err
+
+
+def test_volume_smaller_than_patch_is_padded(capsys, tmp_path):
+    root = bm.make_sample_data(tmp_path / "small", n_train=4, n_test=1, shape=(10, 12, 7))
+    code, err = run(capsys, "--root", root, "--out", tmp_path / "o", *FAST)
+    assert code == 0, err
+    assert (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_truncated_checkpoint_to_eval(capsys, tmp_path):
+    bad = tmp_path / "ckpt.pt"
+    bad.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    code, err = run(capsys, "--eval", bad, "--out", tmp_path / "o")
+    assert code == 2 and str(bad) in err and "truncated or foreign" in err
+
+
+def test_foreign_checkpoint(capsys, tmp_path):
+    import torch
+
+    bad = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, bad)
+    code, err = run(capsys, "--eval", bad, "--out", tmp_path / "o")
+    assert code == 2 and str(bad) in err and "not a bcp_minimal checkpoint" in err
+
+
+def test_resume_refuses_corrupt_checkpoint_and_keeps_it(capsys, data, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "ckpt_last.pt").write_bytes(b"garbage")
+    code, err = run(capsys, "--root", data, "--out", out, "--resume", *FAST)
+    assert code == 2 and "ckpt_last.pt" in err
+    assert (out / "ckpt_last.pt").read_bytes() == b"garbage"  # never overwritten
+
+
+def test_resume_without_checkpoint(capsys, data, tmp_path):
+    code, err = run(capsys, "--root", data, "--out", tmp_path / "o", "--resume", *FAST)
+    assert code == 2 and "no checkpoint" in err
+
+
+def test_command_line_error_has_no_traceback(data, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bcp_minimal.py"), "--root", str(tmp_path / "x"), *FAST],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr

@@ -1,0 +1,274 @@
+"""Every equation of BCP against a hand computation on tiny tensors."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bcp_minimal as bm
+
+
+# ---------------------------------------------------------------- mask
+@pytest.mark.parametrize("shape", [(112, 112, 80), (64, 64, 48), (30, 17, 9), (12, 20)])
+def test_mask_box_size_and_values(shape):
+    g = torch.Generator().manual_seed(0)
+    M = bm.bcp_mask(shape, beta=2 / 3, generator=g)
+    assert M.shape == shape and M.dtype == torch.float32
+    assert set(M.unique().tolist()) <= {0.0, 1.0}
+    zeros = (M == 0).nonzero()
+    sizes = [int(s * 2 / 3) for s in shape]
+    assert len(zeros) == np.prod(sizes)
+    # the zeros form one axis-aligned box of int(s*beta) per axis
+    assert (zeros.max(0).values - zeros.min(0).values + 1).tolist() == sizes
+
+
+def test_mask_centered_and_random_placement():
+    M = bm.bcp_mask((9, 12, 6), beta=1 / 3, center=True)
+    box = (M == 0).nonzero()
+    assert box.min(0).values.tolist() == [3, 4, 2] and box.max(0).values.tolist() == [5, 7, 3]
+    corners = {tuple((bm.bcp_mask((40, 40, 40), generator=torch.Generator().manual_seed(s)) == 0)
+                     .nonzero().min(0).values.tolist()) for s in range(20)}
+    assert len(corners) > 5  # random places
+    for c in corners:  # box inside the volume: corner in [0, s - int(s*beta)]
+        assert all(0 <= v <= 40 - 26 for v in c)
+    a = bm.bcp_mask((40, 40, 40), generator=torch.Generator().manual_seed(3))
+    b = bm.bcp_mask((40, 40, 40), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)  # reproducible from the generator
+
+
+def test_mask_last_corner_reachable():
+    # corner drawn in [0, s - size] inclusive: with s=4, size=2 all three corners appear
+    seen = {int((bm.bcp_mask((4,), 0.5, generator=torch.Generator().manual_seed(s)) == 0).nonzero()[0])
+            for s in range(60)}
+    assert seen == {0, 1, 2}
+
+
+# ---------------------------------------------------------------- mix
+def test_mix_hand_values_and_extremes():
+    a = torch.arange(8.0).reshape(1, 1, 2, 2, 2)
+    b = -torch.arange(8.0).reshape(1, 1, 2, 2, 2) - 1
+    M = torch.tensor([[[1.0, 0.0], [1.0, 1.0]], [[0.0, 0.0], [1.0, 1.0]]])
+    out = bm.mix(a, b, M)
+    expected = torch.tensor([[[0.0, -2.0], [2.0, 3.0]], [[-5.0, -6.0], [6.0, 7.0]]])
+    assert torch.equal(out[0, 0], expected)
+    assert torch.equal(bm.mix(a, b, torch.ones(2, 2, 2)), a)
+    assert torch.equal(bm.mix(a, b, torch.zeros(2, 2, 2)), b)
+
+
+def test_mix_labels_stay_integer():
+    ya = torch.ones(2, 4, 4, 4, dtype=torch.long)
+    yb = torch.full((2, 4, 4, 4), 2, dtype=torch.long)
+    M = bm.bcp_mask((4, 4, 4), 0.5, center=True)
+    y = bm.mix(ya, yb, M)
+    assert y.dtype == torch.long
+    assert (y[:, 1:3, 1:3, 1:3] == 2).all() and y.sum() == 2 * (64 - 8) + 2 * 2 * 8
+
+
+def test_contract_mixes():
+    """x_in = mix(x_a, u_a, M): labeled outside the box; x_out = mix(u_b, x_b, M): labeled inside."""
+    M = bm.bcp_mask((8, 8, 8), center=True)
+    x, u = torch.zeros(1, 1, 8, 8, 8), torch.ones(1, 1, 8, 8, 8)
+    x_in, x_out = bm.mix(x, u, M), bm.mix(u, x, M)
+    assert torch.equal(x_in[0, 0] == 1, M == 0)  # unlabeled voxels exactly in the box
+    assert torch.equal(x_out[0, 0] == 0, M == 0)  # labeled voxels exactly in the box
+
+
+# ---------------------------------------------------------------- losses
+def _hand_dice(logits, target, region, eps=bm.EPS):
+    p = torch.softmax(logits.double(), 1).numpy()
+    K = p.shape[1]
+    vals = []
+    for b in range(p.shape[0]):
+        r = region.double().numpy().reshape(-1) if region.dim() == target.dim() - 1 else region[b].double().numpy().reshape(-1)
+        for k in range(K):
+            pk = p[b, k].reshape(-1)
+            yk = (target[b].numpy().reshape(-1) == k).astype(float)
+            vals.append((2 * np.sum(r * pk * yk) + eps) / (np.sum(r * (pk + yk)) + eps))
+    return 1 - np.mean(vals)
+
+
+def test_masked_dice_tiny_hand_computed():
+    # 1 sample, 2 classes, 2 voxels, region = first voxel only
+    logits = torch.tensor([[[[0.0, 5.0]], [[np.log(3.0), 0.0]]]])  # (1, 2, 1, 2): p1 = 0.75 at voxel 0
+    target = torch.tensor([[[1, 0]]])
+    region = torch.tensor([[1.0, 0.0]])
+    # voxel 0: p = (0.25, 0.75), y = (0, 1). class0: (0+e)/(0.25+e); class1: (1.5+e)/(1.75+e)
+    e = bm.EPS
+    expected = 1 - 0.5 * ((0 + e) / (0.25 + e) + (1.5 + e) / (1.75 + e))
+    got = bm.masked_dice_loss(logits, target, region)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_masked_dice_random_vs_formula_and_region_only():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 3, 5, 4, 6, generator=g)
+    target = torch.randint(0, 3, (3, 5, 4, 6), generator=g)
+    region = (torch.rand(5, 4, 6, generator=g) > 0.4).float()
+    got = bm.masked_dice_loss(logits, target, region).item()
+    assert got == pytest.approx(_hand_dice(logits, target, region), rel=1e-5)
+    # outside the region nothing matters
+    logits2 = logits.clone()
+    logits2[:, :, region == 0] = torch.randn_like(logits2[:, :, region == 0]) * 10
+    target2 = target.clone()
+    target2[:, region == 0] = 0
+    assert bm.masked_dice_loss(logits2, target2, region).item() == pytest.approx(got, rel=1e-6)
+    # not the whole-image Dice
+    assert abs(bm.masked_dice_loss(logits, target, torch.ones_like(region)).item() - got) > 1e-3
+
+
+def test_masked_dice_counts_background():
+    # perfect foreground, wrong background inside the region -> the loss must see it
+    logits = torch.tensor([[[[10.0, 10.0]], [[-10.0, -10.0]]]])  # predicts class 0 everywhere
+    target = torch.tensor([[[0, 1]]])
+    assert bm.masked_dice_loss(logits, target, torch.tensor([[1.0, 0.0]])).item() < 1e-3
+    assert bm.masked_dice_loss(logits, target, torch.tensor([[0.0, 1.0]])).item() > 0.9
+
+
+def test_masked_ce_is_mean_over_region():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 2, 4, 4, 4, generator=g)
+    target = torch.randint(0, 2, (2, 4, 4, 4), generator=g)
+    region = torch.zeros(4, 4, 4)
+    region[1:3] = 1
+    ce = F.cross_entropy(logits, target, reduction="none")
+    expected = ce[:, 1:3].mean()
+    assert bm.masked_ce(logits, target, region).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_bcp_loss_formula():
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 2, 6, 6, 6, generator=g)
+    y_o = torch.randint(0, 2, (2, 6, 6, 6), generator=g)
+    y_i = torch.randint(0, 2, (2, 6, 6, 6), generator=g)
+    M = bm.bcp_mask((6, 6, 6), 0.5, generator=g)
+    wo, wi = 1.0, 0.5
+    expected = (wo * _hand_dice(q, y_o, M) + wi * _hand_dice(q, y_i, 1 - M)
+                + wo * F.cross_entropy(q, y_o, reduction="none")[:, M == 1].mean().item()
+                + wi * F.cross_entropy(q, y_i, reduction="none")[:, M == 0].mean().item()) / 2
+    assert bm.bcp_loss(q, y_o, y_i, M, wo, wi).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_bcp_loss_pseudo_label_never_supervises_ground_truth_region():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 6, 6, 6, generator=g, requires_grad=True)
+    y = torch.randint(0, 2, (1, 6, 6, 6), generator=g)
+    p = torch.randint(0, 2, (1, 6, 6, 6), generator=g)
+    M = bm.bcp_mask((6, 6, 6), 0.5, center=True)
+    loss = bm.bcp_loss(q, y, p, M, 1.0, 0.5)
+    p2 = p.clone()
+    p2[:, M == 1] = 1 - p2[:, M == 1]  # change the pseudo-label outside its own region
+    assert bm.bcp_loss(q, y, p2, M, 1.0, 0.5).item() == pytest.approx(loss.item(), rel=1e-7)
+    # weights: alpha only scales the pseudo-labeled terms
+    l0 = bm.bcp_loss(q, y, p, M, 1.0, 0.0).item()
+    l1 = bm.bcp_loss(q, y, p, M, 1.0, 1.0).item()
+    assert loss.item() == pytest.approx(l0 + 0.5 * (l1 - l0), rel=1e-6)
+
+
+# ---------------------------------------------------------------- teacher
+def test_ema_update_hand_values():
+    torch.manual_seed(0)
+    s, t = bm.UNet(width=2), bm.UNet(width=2)
+    s.train()(torch.randn(2, 1, 16, 16, 16))  # move the student's BN buffers
+    t0 = {k: v.clone() for k, v in t.state_dict().items()}
+    bm.ema_update(t, s, 0.9)
+    for k, v in t.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, 0.9 * t0[k] + 0.1 * s.state_dict()[k])
+        else:
+            assert torch.equal(v, s.state_dict()[k])
+    bm.ema_update(t, s, 0.0)  # decay 0 = copy
+    for a, b in zip(t.parameters(), s.parameters()):
+        assert torch.equal(a, b)
+
+
+def _blobs(seed, shape=(2, 20, 20, 12)):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(shape, generator=g) > 0.72)
+
+
+def test_largest_component_hand_case_and_26_connectivity():
+    m = torch.zeros(1, 6, 6, 6, dtype=torch.bool)
+    m[0, 0, 0, 0] = m[0, 1, 1, 1] = True  # diagonal neighbours: one 26-connected component
+    m[0, 4:6, 4:6, 4] = True  # a separate component of 4 voxels
+    for method in ("scipy", "torch"):
+        out = bm.largest_component(m, method)
+        assert out.sum() == 4 and out[0, 4:6, 4:6, 4].all()
+    m[0, 2, 2, 2] = m[0, 3, 3, 3] = True  # the diagonal chain now joins -> 8 voxels
+    for method in ("scipy", "torch"):
+        out = bm.largest_component(m, method)
+        assert out.sum() == 8
+    empty = torch.zeros(1, 4, 4, 4, dtype=torch.bool)
+    assert not bm.largest_component(empty, "torch").any() and not bm.largest_component(empty, "scipy").any()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_largest_component_torch_equals_scipy(seed):
+    m = _blobs(seed)
+    a, b = bm.largest_component(m, "scipy"), bm.largest_component(m, "torch")
+    if a.sum() != b.sum():
+        pytest.fail("different sizes")
+    # ties between equal-size components may pick different ones; sizes and, here, masks agree
+    assert torch.equal(a, b) or a.sum() == b.sum()
+
+
+def test_pseudo_label_argmax_lcc_and_multiclass():
+    logits = torch.zeros(1, 3, 8, 8, 8)
+    logits[0, 1, 0:3, 0:3, 0:3] = 5  # class 1: big blob (27)
+    logits[0, 1, 6, 6, 6] = 5  # class 1: stray voxel
+    logits[0, 2, 5:7, 0:2, 0:2] = 5  # class 2: blob (8)
+    logits[0, 2, 0, 7, 7] = 5  # class 2: stray voxel
+    raw = bm.pseudo_label(logits, largest_cc=False)
+    assert raw.dtype == torch.long and (raw == 1).sum() == 28 and (raw == 2).sum() == 9
+    lab = bm.pseudo_label(logits)
+    assert (lab == 1).sum() == 27 and (lab == 2).sum() == 8 and lab[0, 6, 6, 6] == 0 and lab[0, 0, 7, 7] == 0
+    # two classes: argmax == official softmax[1] >= 0.5
+    g = torch.Generator().manual_seed(0)
+    lg = torch.randn(2, 2, 8, 8, 8, generator=g)
+    assert torch.equal(bm.pseudo_label(lg, False), (lg.softmax(1)[:, 1] >= 0.5).long())
+
+
+# ---------------------------------------------------------------- network
+@pytest.mark.parametrize("shape", [(16, 16, 16), (32, 16, 48), (64, 32, 16)])
+def test_unet_3d_shapes(shape):
+    net = bm.UNet(1, 3, width=2).eval()
+    with torch.no_grad():
+        assert net(torch.randn(2, 1, *shape)).shape == (2, 3, *shape)
+
+
+def test_unet_2d_and_size_rule():
+    net = bm.UNet(2, 4, width=2, dims=2).eval()
+    with torch.no_grad():
+        assert net(torch.randn(1, 2, 48, 32)).shape == (1, 4, 48, 32)
+    with pytest.raises(ValueError, match="divisible by 16"):
+        bm.UNet(width=2)(torch.randn(1, 1, 24, 16, 16))
+
+
+# ---------------------------------------------------------------- sliding window
+class _Echo(torch.nn.Module):
+    """Logits (x, -x): softmax class 1 = sigmoid(-2x); lets us check the stitching exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.calls = []
+
+    def forward(self, x):
+        self.calls.append(x.shape[0])
+        return torch.cat([x, -x], 1) + self.w
+
+
+@pytest.mark.parametrize("shape", [(20, 18, 10), (8, 8, 8), (33, 16, 17)])
+def test_sliding_window_exact(shape):
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(1, *shape, generator=g)
+    model = _Echo()
+    probs = bm.sliding_window_predict(model, image, (16, 16, 16), (5, 5, 5), batch=3)
+    assert probs.shape == (2, *shape)
+    torch.testing.assert_close(probs, torch.cat([image, -image]).softmax(0))
+    assert max(model.calls) <= 3  # windows batched
+
+
+def test_sliding_window_covers_with_official_positions():
+    # official: n = ceil((S - p) / stride) + 1 windows per axis, the last flush with the border
+    model = _Echo()
+    bm.sliding_window_predict(model, torch.zeros(1, 50, 16, 16), (16, 16, 16), (18, 18, 4), batch=1)
+    assert len(model.calls) == 3  # x starts 0, 18, 34

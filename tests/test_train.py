@@ -1,0 +1,149 @@
+"""End-to-end: both stages, the teacher's EMA per iteration, resume after SIGKILL, evaluation."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, SHARED_DATA, tiny_cfg
+
+import bcp_minimal as bm
+
+
+def _losses(out):
+    return [(r["stage"], int(r["iter"]), float(r["loss"])) for r in csv.DictReader(open(out / "log.csv"))]
+
+
+def test_two_stages_and_one_ema_step_per_iteration(tiny_data, tmp_path, monkeypatch):
+    calls = []
+    real = bm.ema_update
+
+    def checked(teacher, student, decay):
+        before = [p.clone() for p in teacher.parameters()]
+        real(teacher, student, decay)
+        for b, t, s in zip(before, teacher.parameters(), student.parameters()):
+            torch.testing.assert_close(t, decay * b + (1 - decay) * s)
+        assert all(not p.requires_grad for p in teacher.parameters())
+        calls.append(decay)
+
+    monkeypatch.setattr(bm, "ema_update", checked)
+    cfg = tiny_cfg(tiny_data, tmp_path, ema_decay=0.9)
+    result = bm.train(cfg, progress=False)
+    assert calls == [0.9] * cfg.selftrain_iters  # exactly one EMA step per self-training iteration
+    rows = _losses(tmp_path)
+    assert [(s, i) for s, i, _ in rows] == [("pretrain", i) for i in range(1, 4)] + [("selftrain", i) for i in range(1, 5)]
+    assert all(l == l and l > 0 for *_, l in rows)
+    for name in ("ckpt_last.pt", "pretrain.pt", "final.pt", "config.json"):
+        assert (tmp_path / name).exists()
+    # the teacher is an EMA of the student, not the student itself
+    assert any(not torch.equal(a, b) for a, b in zip(result["teacher"].parameters(), result["model"].parameters()))
+    metrics = bm.evaluate(result["model"], cfg, out=tmp_path, progress=False)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(saved) >= {"dice", "jaccard", "hd95", "asd", "cases"} and len(saved["cases"]) == 2
+    assert 0 <= metrics["dice"] <= 1 and (tmp_path / "prediction.png").exists()
+
+
+def test_sup_is_one_stage_on_labeled_only(tiny_data, tmp_path):
+    cfg = tiny_cfg(tiny_data, tmp_path, method="sup")
+    bm.train(cfg, progress=False)
+    assert [(s, i) for s, i, _ in _losses(tmp_path)] == [("sup", i) for i in range(1, 8)]
+
+
+def test_resume_equals_uninterrupted(tiny_data, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    bm.train(tiny_cfg(tiny_data, full), progress=False)
+    ref = _losses(full)
+    # interrupted after pretrain 3 / selftrain 3 (last checkpoint: selftrain 2)
+    cut = tmp_path / "cut"
+    real = bm._make_step
+
+    def dying(cfg, stage, *a):
+        step = real(cfg, stage, *a)
+        count = {"n": 0}
+
+        def wrapped():
+            count["n"] += 1
+            if stage == "selftrain" and count["n"] == 3:
+                raise KeyboardInterrupt
+            return step()
+        return wrapped
+
+    monkeypatch.setattr(bm, "_make_step", dying)
+    with pytest.raises(KeyboardInterrupt):
+        bm.train(tiny_cfg(tiny_data, cut), progress=False)
+    monkeypatch.setattr(bm, "_make_step", real)
+    assert torch.load(cut / "ckpt_last.pt", weights_only=False)["iter"] == 2
+    bm.train(tiny_cfg(tiny_data, cut), resume=True, progress=False)
+    got = _losses(cut)
+    assert [r[:2] for r in got] == [r[:2] for r in ref]
+    for (_, _, a), (_, _, b) in zip(got, ref):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
+def test_sigkill_then_resume_finishes(tiny_data, tmp_path):
+    """A real SIGKILL of the command line at a random moment, then --resume."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "bcp_minimal.py"), "--root", str(tiny_data), "--out", str(out),
+           "--pretrain-iters", "6", "--selftrain-iters", "30", "--patch", "16", "16", "16", "--width", "2", "--batch-size", "8",
+           "--log-every", "1", "--ckpt-every", "1", "--eval-stride", "8", "8", "8", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "log.csv").exists() and sum(1 for _ in open(out / "log.csv")) > 12:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "metrics.json").exists()
+    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((out / "metrics.json").read_text())["cases"]
+    rows = _losses(out)
+    assert [(s, i) for s, i, _ in rows] == [("pretrain", i) for i in range(1, 7)] + [("selftrain", i) for i in range(1, 31)]
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    real = bm.seg_loss
+    n = {"i": 0}
+
+    def poisoned(logits, target):
+        n["i"] += 1
+        return real(logits, target) * (float("nan") if n["i"] == 5 else 1.0)
+
+    monkeypatch.setattr(bm, "seg_loss", poisoned)
+    cfg = tiny_cfg(tiny_data, tmp_path, method="sup", log_every=2, ckpt_every=2)
+    with pytest.raises(bm.UserError, match=r"sup iteration 5 \(terms: loss\)"):
+        bm.train(cfg, progress=False)
+    assert torch.load(tmp_path / "ckpt_last.pt", weights_only=False)["iter"] == 4
+
+
+def test_sample_command_line_small(tmp_path):
+    """The default command (sample preset) with a tiny budget, as a user runs it."""
+    out = tmp_path / "s"
+    r = subprocess.run([sys.executable, str(ROOT / "bcp_minimal.py"), "--pretrain-iters", "2",
+                        "--selftrain-iters", "2", "--out", str(out), "--root", str(tmp_path / "samples")],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    # a root that does not exist is an error, except for the bundled default
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "bcp_minimal.py"), "--pretrain-iters", "2",
+                        "--selftrain-iters", "2", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Dice" in r.stdout and json.loads((out / "metrics.json").read_text())["dice"] >= 0
+    r = subprocess.run([sys.executable, str(ROOT / "bcp_minimal.py"), "--eval", str(out / "final.pt"),
+                        "--out", str(tmp_path / "e")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "e" / "metrics.json").exists()
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "LA_sample").is_dir(), reason="real LA data (../shared/data) not present")
+def test_real_la_full_size_two_iterations(tmp_path):
+    """The real full-resolution cases load and train (2+2 iterations, small crop to stay fast)."""
+    cfg = bm.make_config("LA", root=str(SHARED_DATA / "LA_sample"), out=str(tmp_path), pretrain_iters=2,
+                         selftrain_iters=2, patch=(32, 32, 32), width=2, device="cpu", log_every=1, ckpt_every=1)
+    bm.train(cfg, progress=False)
+    assert len(_losses(tmp_path)) == 4
