@@ -59,3 +59,15 @@ def test_against_medpy(seed, spacing):
     assert bm.hd95(a, b, spacing) == pytest.approx(medpy.hd95(a, b, spacing), rel=1e-12)
     assert bm.asd(a, b, spacing) == pytest.approx(medpy.asd(a, b, spacing), rel=1e-12)
     assert bm.asd(b, a, spacing) == pytest.approx(medpy.asd(b, a, spacing), rel=1e-12)
+
+
+def test_against_medpy_touching_the_border():
+    """Cropping to the bounding box must not change anything when organs touch the volume edge."""
+    medpy = pytest.importorskip("medpy.metric.binary")
+    a = _cube((20, 20, 12), (0, 3, 0), (9, 12, 12))
+    b = _cube((20, 20, 12), (2, 0, 1), (12, 10, 12))
+    b[15:20, 15:20, 5:12] = True  # a second piece in the far corner
+    for x, y in [(a, b), (b, a)]:
+        assert bm.hd95(x, y) == pytest.approx(medpy.hd95(x, y), rel=1e-12)
+        assert bm.asd(x, y, (0.5, 1, 2)) == pytest.approx(medpy.asd(x, y, (0.5, 1, 2)), rel=1e-12)
+        assert bm.surface_metrics(x, y) == pytest.approx((medpy.hd95(x, y), medpy.asd(x, y)), rel=1e-12)
