@@ -165,3 +165,11 @@ def test_command_line_error_has_no_traceback(data, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bcp_minimal.py"), "--root", str(tmp_path / "x"), *FAST],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_resume_uses_the_runs_own_root(capsys, data, tmp_path):
+    """--resume without --root must find the data of the original run, not the preset's."""
+    out = tmp_path / "o"
+    assert run(capsys, "--root", data, "--out", out, *FAST)[0] == 0
+    code, err = run(capsys, "--out", out, "--resume", "--device", "cpu")
+    assert code == 0, err
