@@ -147,3 +147,11 @@ def test_real_la_full_size_two_iterations(tmp_path):
                          selftrain_iters=2, patch=(32, 32, 32), width=2, device="cpu", log_every=1, ckpt_every=1)
     bm.train(cfg, progress=False)
     assert len(_losses(tmp_path)) == 4
+
+
+def test_amp_path_runs(tiny_data, tmp_path):
+    """--amp on (bf16 autocast on the CPU) goes through the same loop; losses stay finite."""
+    bm.train(tiny_cfg(tiny_data, tmp_path, amp="on"), progress=False)
+    assert all(l == l for *_, l in _losses(tmp_path))
+    autocast, scaler = bm.amp_setup("auto", torch.device("cpu"))
+    assert scaler is None and autocast is not None
