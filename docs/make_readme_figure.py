@@ -58,7 +58,8 @@ for ax, (title, x, src) in zip(axes, panels):
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
-fig.suptitle("green: ground-truth label (loss weight 1)   orange: teacher pseudo-label (weight alpha = 0.5)", fontsize=10)
+fig.suptitle("green: ground-truth label (loss weight 1)   orange: teacher pseudo-label (weight alpha = 0.5)",
+             fontsize=10)
 fig.tight_layout()
 fig.savefig(Path(__file__).with_name("bcp.png"), dpi=90)
 print("wrote docs/bcp.png")
