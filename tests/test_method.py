@@ -278,3 +278,17 @@ def test_sliding_window_covers_with_official_positions():
     model = _Echo()
     bm.sliding_window_predict(model, torch.zeros(1, 50, 16, 16), (16, 16, 16), (18, 18, 4), batch=1)
     assert len(model.calls) == 3  # x starts 0, 18, 34
+
+
+def test_bundled_samples_are_what_the_seeded_generator_makes(tmp_path):
+    import h5py
+
+    from conftest import ROOT
+
+    fresh = bm.make_sample_data(tmp_path / "s")
+    assert (fresh / "train.list").read_text() == (ROOT / "data_samples" / "train.list").read_text()
+    for case in ["PHANTOM000", "PHANTOM019"]:
+        for key in ("image", "label"):
+            with h5py.File(fresh / bm.CASES_DIR / case / bm.CASE_FILE) as a, \
+                    h5py.File(ROOT / "data_samples" / bm.CASES_DIR / case / bm.CASE_FILE) as b:
+                np.testing.assert_array_equal(a[key][()], b[key][()])
