@@ -1190,6 +1190,8 @@ def main(argv=None) -> int:
         if args.eval:
             state = load_checkpoint(args.eval)
             cfg = config_from_checkpoint(state, given)
+            if "out" not in given:  # never overwrite the run's own metrics.json
+                cfg.out = str(Path(args.eval).parent / f"eval_{Path(args.eval).stem}")
             check_config(cfg)
             model = UNet(1, cfg.num_classes, cfg.width)
             try:
@@ -1199,7 +1201,6 @@ def main(argv=None) -> int:
             model.to(pick_device(cfg.device))
             metrics = evaluate(model, cfg, out=cfg.out)
         else:
-            check_config(cfg)
             t0 = time.time()
             result = train(cfg, resume=args.resume)
             cfg = result["cfg"]
