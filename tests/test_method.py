@@ -282,7 +282,6 @@ def test_sliding_window_covers_with_official_positions():
 
 def test_bundled_samples_are_what_the_seeded_generator_makes(tmp_path):
     import h5py
-
     from conftest import ROOT
 
     fresh = bm.make_sample_data(tmp_path / "s")
