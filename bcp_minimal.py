@@ -69,6 +69,7 @@ class Config:
     pseudo_lcc: bool = True  # keep the largest connected component of pseudo-labels
     lr: float = 0.01  # SGD, momentum 0.9, weight decay 1e-4 (official)
     lr_step: int = 2500  # lr x 0.1 every lr_step iterations of a stage (official: 2500)
+    lr_schedule: str = "step"  # step: official x0.1 every lr_step | poly: lr (1 - t/T)^0.9 per stage
     weight_decay: float = 1e-4
     seed: int = 1337  # official seed
     eval_stride: tuple = (16, 16, 16)  # sliding-window stride at evaluation
@@ -137,6 +138,8 @@ def check_config(cfg: Config) -> None:
         bad.append(f"--labeled {cfg.labeled}: at least one labeled case is needed")
     if cfg.teacher_mode not in ("train", "eval"):
         bad.append(f"--teacher-mode {cfg.teacher_mode}: choose train or eval")
+    if cfg.lr_schedule not in ("step", "poly"):
+        bad.append(f"--lr-schedule {cfg.lr_schedule}: choose step or poly")
     if cfg.lr <= 0 or cfg.width < 1 or cfg.pretrain_iters < 0 or cfg.selftrain_iters < 0:
         bad.append("--lr, --width must be positive and iteration counts >= 0")
     if cfg.log_every < 1 or cfg.ckpt_every < 1 or cfg.ckpt_every % cfg.log_every:
@@ -747,6 +750,13 @@ def _make_step(cfg, stage, model, teacher, lab, unl, g, device, autocast):
     return {"sup": sup_step, "pretrain": pretrain_step, "selftrain": selftrain_step}[stage]
 
 
+def stage_lr(cfg: Config, it: int, iters: int) -> float:
+    """Learning rate of iteration `it` (1-based) of a stage of `iters` iterations."""
+    if cfg.lr_schedule == "poly":
+        return cfg.lr * (1 - (it - 1) / iters) ** 0.9  # poly decay to ~0 at the stage's end
+    return cfg.lr * 0.1 ** ((it - 1) // cfg.lr_step)  # official: ×0.1 every lr_step iterations
+
+
 def _run_stage(cfg, stage, iters, first, model, teacher, optimizer, scaler, step_fn, g, lab, unl,
                writer, log_file, ckpt_path, progress, on_log=None):
     from tqdm.auto import tqdm
@@ -756,7 +766,7 @@ def _run_stage(cfg, stage, iters, first, model, teacher, optimizer, scaler, step
                initial=first - 1, total=iters)
     pending = []  # per-iteration detached loss terms, flushed to the CSV every log_every iterations
     for it in bar:
-        lr = cfg.lr * 0.1 ** ((it - 1) // cfg.lr_step)  # official: ×0.1 every lr_step iterations
+        lr = stage_lr(cfg, it, iters)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss, terms = step_fn()

@@ -291,3 +291,18 @@ def test_bundled_samples_are_what_the_seeded_generator_makes(tmp_path):
             with h5py.File(fresh / bm.CASES_DIR / case / bm.CASE_FILE) as a, \
                     h5py.File(ROOT / "data_samples" / bm.CASES_DIR / case / bm.CASE_FILE) as b:
                 np.testing.assert_array_equal(a[key][()], b[key][()])
+
+
+# ---------------------------------------------------------------- learning rate
+def test_stage_lr_step_and_poly():
+    step = bm.make_config("LA")  # official: 0.01, x0.1 every 2 500 iterations of a stage
+    assert bm.stage_lr(step, 1, 15000) == pytest.approx(0.01)
+    assert bm.stage_lr(step, 2500, 15000) == pytest.approx(0.01)
+    assert bm.stage_lr(step, 2501, 15000) == pytest.approx(0.001)
+    assert bm.stage_lr(step, 5001, 15000) == pytest.approx(0.0001)
+    poly = bm.make_config("LA", lr_schedule="poly")
+    assert bm.stage_lr(poly, 1, 100) == pytest.approx(0.01)
+    assert bm.stage_lr(poly, 51, 100) == pytest.approx(0.01 * 0.5 ** 0.9)
+    assert bm.stage_lr(poly, 100, 100) == pytest.approx(0.01 * 0.01 ** 0.9)
+    with pytest.raises(bm.UserError, match="--lr-schedule"):
+        bm.check_config(bm.make_config("sample", lr_schedule="cosine"))
