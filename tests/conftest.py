@@ -5,16 +5,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "data_samples"))
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+from make_samples import make_sample_data  # noqa: E402
 
 import bcp_minimal as bm  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
-    """6 train + 2 test phantoms of 24x24x16 voxels in the official layout."""
+    """6 train + 2 test + 2 val phantoms of 24x24x16 voxels in the official layout."""
     root = tmp_path_factory.mktemp("tiny")
-    return bm.make_sample_data(root, n_train=6, n_test=2, shape=(24, 24, 16), seed=1)
+    return make_sample_data(root, n_train=6, n_test=2, n_val=2, shape=(24, 24, 16), seed=1)
 
 
 def tiny_cfg(root, out, **kw):

@@ -1,4 +1,4 @@
-"""--download against a fake mirror on 127.0.0.1 (no test touches the internet)."""
+"""get_data.py against a fake mirror on 127.0.0.1 (no test touches the internet)."""
 import functools
 import http.server
 import shutil
@@ -6,8 +6,10 @@ import socket
 import threading
 
 import pytest
+from conftest import ROOT
 
 import bcp_minimal as bm
+import get_data
 
 
 @pytest.fixture()
@@ -36,7 +38,7 @@ def mirror(tiny_data, tmp_path):
 def test_download_resumable_and_checked(mirror, tmp_path, capsys):
     url, site, hits = mirror
     root = tmp_path / "LA"
-    assert bm.main(["--download", "--root", str(root), "--download-url", url]) == 0
+    assert get_data.main(["LA", "--root", str(root), "--url", url]) == 0
     cases = (site / "train.list").read_text().split() + (site / "test.list").read_text().split()
     for c in cases:
         assert (root / bm.CASES_DIR / c / bm.CASE_FILE).read_bytes() == (site / bm.CASES_DIR / c / bm.CASE_FILE).read_bytes()
@@ -46,17 +48,17 @@ def test_download_resumable_and_checked(mirror, tmp_path, capsys):
     broken = root / bm.CASES_DIR / cases[1] / bm.CASE_FILE
     broken.write_bytes(broken.read_bytes()[:100])
     hits.clear()
-    assert bm.main(["--download", "--root", str(root), "--download-url", url]) == 0
+    assert get_data.main(["LA", "--root", str(root), "--url", url]) == 0
     assert sorted(h for h in hits if h.endswith(".h5")) == sorted(
         f"/2018LA_Seg_Training%20Set/{c}/mri_norm2.h5" for c in cases[:2])
-    assert bm._valid_case_file(broken)
+    assert get_data._valid_case_file(broken)
 
 
 def test_download_rejects_bad_file(mirror, tmp_path, capsys):
     url, site, hits = mirror
     case = (site / "train.list").read_text().split()[0]
     (site / bm.CASES_DIR / case / bm.CASE_FILE).write_bytes(b"<html>not found</html>")
-    code = bm.main(["--download", "--root", str(tmp_path / "LA"), "--download-url", url])
+    code = get_data.main(["LA", "--root", str(tmp_path / "LA"), "--url", url])
     err = capsys.readouterr().err
     assert code == 2 and case in err and "not a valid LA case" in err
     assert not (tmp_path / "LA" / bm.CASES_DIR / case / bm.CASE_FILE).exists()
@@ -67,12 +69,53 @@ def test_download_offline_message(tmp_path, capsys):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
-    code = bm.main(["--download", "--root", str(tmp_path / "LA"), "--download-url", f"http://127.0.0.1:{port}"])
+    code = get_data.main(["LA", "--root", str(tmp_path / "LA"), "--url", f"http://127.0.0.1:{port}"])
     err = capsys.readouterr().err
     assert code == 2 and "offline" in err and "Traceback" not in err
 
 
 def test_download_http_error(mirror, tmp_path, capsys):
     url, *_ = mirror
-    code = bm.main(["--download", "--root", str(tmp_path / "LA"), "--download-url", url + "/missing"])
+    code = get_data.main(["LA", "--root", str(tmp_path / "LA"), "--url", url + "/missing"])
     assert code == 2 and "HTTP 404" in capsys.readouterr().err
+
+
+def test_make_half_is_trilinear_and_thresholded(tiny_data, tmp_path):
+    """LA_half = every axis halved (floor), trilinear image, trilinear label >= 0.5, same lists."""
+    import h5py
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    assert get_data.main(["LA_half", "--src", str(tiny_data), "--root", str(tmp_path / "half")]) == 0
+    half = tmp_path / "half"
+    assert (half / "train.list").read_text() == (tiny_data / "train.list").read_text()
+    case = (tiny_data / "test.list").read_text().split()[0]
+    with h5py.File(tiny_data / bm.CASES_DIR / case / bm.CASE_FILE) as f:
+        im, lb = f["image"][()], f["label"][()]
+    with h5py.File(half / bm.CASES_DIR / case / bm.CASE_FILE) as f:
+        him, hlb = f["image"][()], f["label"][()]
+    assert him.shape == hlb.shape == tuple(s // 2 for s in im.shape) and hlb.dtype == np.uint8
+    # a 2x2x2 block average is what trilinear at exactly half size with align_corners=False is
+    np.testing.assert_allclose(him[1, 2, 3], im[2:4, 4:6, 6:8].mean(), rtol=1e-5)
+    ref = F.interpolate(torch.from_numpy(lb.astype(np.float32))[None, None], size=him.shape, mode="trilinear")
+    np.testing.assert_array_equal(hlb, (ref[0, 0].numpy() >= 0.5).astype(np.uint8))
+
+
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "LA_sample").is_dir(), reason="no ../shared")
+def test_make_half_reproduces_the_shared_la_half(tmp_path):
+    """The development copy ../shared/data/LA_half was made the same way (checked on one case)."""
+    import h5py
+    import numpy as np
+
+    shared = ROOT.parent / "shared" / "data"
+    src = tmp_path / "one"
+    case = (shared / "LA_sample" / "train.list").read_text().split()[0]
+    (src / bm.CASES_DIR).mkdir(parents=True)
+    shutil.copytree(shared / "LA_sample" / bm.CASES_DIR / case, src / bm.CASES_DIR / case)
+    (src / "train.list").write_text(case + "\n")
+    get_data.make_half(src, tmp_path / "half", progress=False)
+    for key in ("image", "label"):
+        with h5py.File(tmp_path / "half" / bm.CASES_DIR / case / bm.CASE_FILE) as a, \
+                h5py.File(shared / "LA_half" / bm.CASES_DIR / case / bm.CASE_FILE) as b:
+            np.testing.assert_array_equal(a[key][()], b[key][()])

@@ -35,7 +35,7 @@ def case_file(root, i=0):
 
 def test_missing_root(capsys, tmp_path):
     code, err = run(capsys, "--root", tmp_path / "nowhere", "--out", tmp_path / "o", *FAST)
-    assert code == 2 and "nowhere" in err and "--download" in err and "Traceback" not in err
+    assert code == 2 and "nowhere" in err and "get_data.py" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("name", ["train.list", "test.list"])
@@ -81,7 +81,7 @@ def test_label_out_of_range(capsys, data, tmp_path):
     path = case_file(data)
     _rewrite(path, label=lambda lb: np.where(lb > 0, 7, 0).astype(np.uint8))
     code, err = run(capsys, "--root", data, "--out", tmp_path / "o", *FAST)
-    assert code == 2 and str(path) in err and "7" in err and "num-classes" in err
+    assert code == 2 and str(path) in err and "[0, 7]" in err and "2 classes allow 0..1" in err
 
 
 def test_shape_mismatch(capsys, data, tmp_path):
@@ -115,7 +115,7 @@ def test_too_many_labeled(capsys, data, tmp_path):
 def test_argument_errors_before_any_work(capsys, tmp_path, flag, value, needle):
     # the root does not even exist: argument checks come first
     code, err = run(capsys, "--root", tmp_path / "nowhere", "--out", tmp_path / "o", *FAST, flag, value)
-    assert code == 2 and needle in err and "does not exist" not in err
+    assert code == 2 and needle in err and "no folder" not in err
     assert not (tmp_path / "o").exists()
 
 
@@ -125,7 +125,9 @@ def test_patch_not_divisible(capsys, tmp_path):
 
 
 def test_volume_smaller_than_patch_is_padded(capsys, tmp_path):
-    root = bm.make_sample_data(tmp_path / "small", n_train=4, n_test=1, shape=(10, 12, 7))
+    from make_samples import make_sample_data
+
+    root = make_sample_data(tmp_path / "small", n_train=4, n_test=1, n_val=0, shape=(10, 12, 7))
     code, err = run(capsys, "--root", root, "--out", tmp_path / "o", *FAST)
     assert code == 0, err
     assert (tmp_path / "o" / "metrics.json").exists()
@@ -173,3 +175,40 @@ def test_resume_uses_the_runs_own_root(capsys, data, tmp_path):
     assert run(capsys, "--root", data, "--out", out, *FAST)[0] == 0
     code, err = run(capsys, "--out", out, "--resume", "--device", "cpu")
     assert code == 0, err
+
+
+def test_resume_refuses_to_change_the_method(capsys, data, tmp_path):
+    out = tmp_path / "o"
+    assert run(capsys, "--root", data, "--out", out, *FAST)[0] == 0
+    code, err = run(capsys, "--out", out, "--resume", "--lr", "0.5")
+    assert code == 2 and "--lr: fixed by the checkpoint's run" in err
+
+
+def test_la_preset_fetches_a_missing_default_root(capsys, tmp_path, monkeypatch):
+    """`--data LA` with its default root absent fetches it (get_data.prepare); an explicit
+    --root that does not exist stays an error (test_missing_root)."""
+    import get_data
+
+    calls = []
+
+    def fake_prepare(preset, root):
+        calls.append((preset, root))
+        raise bm.UserError("offline in this test")
+
+    monkeypatch.setattr(get_data, "prepare", fake_prepare)
+    monkeypatch.chdir(tmp_path)
+    code, err = run(capsys, "--data", "LA", *FAST)
+    assert code == 2 and calls == [("LA", "data/LA")] and "offline in this test" in err
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        bm.main(["--help"])
+    out = capsys.readouterr().out
+    import dataclasses
+
+    for f in dataclasses.fields(bm.Config):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in out and f.metadata["help"].split()[0] in out
+    for flag in ("--resume", "--eval"):
+        assert flag in out

@@ -28,18 +28,18 @@ def test_mask_centered_and_random_placement():
     corners = {tuple((bm.bcp_mask((40, 40, 40), generator=torch.Generator().manual_seed(s)) == 0)
                      .nonzero().min(0).values.tolist()) for s in range(20)}
     assert len(corners) > 5  # random places
-    for c in corners:  # box inside the volume: corner in [0, s - int(s*beta)]
-        assert all(0 <= v <= 40 - 26 for v in c)
+    for c in corners:  # box inside the volume: corner in [0, s - int(s*beta)) as official
+        assert all(0 <= v < 40 - 26 for v in c)
     a = bm.bcp_mask((40, 40, 40), generator=torch.Generator().manual_seed(3))
     b = bm.bcp_mask((40, 40, 40), generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)  # reproducible from the generator
 
 
-def test_mask_last_corner_reachable():
-    # corner drawn in [0, s - size] inclusive: with s=4, size=2 all three corners appear
+def test_mask_corner_range_is_the_official_one():
+    # official np.random.randint(0, s - size): the last position s - size is never drawn
     seen = {int((bm.bcp_mask((4,), 0.5, generator=torch.Generator().manual_seed(s)) == 0).nonzero()[0])
             for s in range(60)}
-    assert seen == {0, 1, 2}
+    assert seen == {0, 1}
 
 
 # ---------------------------------------------------------------- mix
@@ -189,24 +189,19 @@ def test_largest_component_hand_case_and_26_connectivity():
     m = torch.zeros(1, 6, 6, 6, dtype=torch.bool)
     m[0, 0, 0, 0] = m[0, 1, 1, 1] = True  # diagonal neighbours: one 26-connected component
     m[0, 4:6, 4:6, 4] = True  # a separate component of 4 voxels
-    for method in ("scipy", "torch"):
-        out = bm.largest_component(m, method)
-        assert out.sum() == 4 and out[0, 4:6, 4:6, 4].all()
+    out = bm.largest_component(m)
+    assert out.sum() == 4 and out[0, 4:6, 4:6, 4].all()
     m[0, 2, 2, 2] = m[0, 3, 3, 3] = True  # the diagonal chain now joins -> 8 voxels
-    for method in ("scipy", "torch"):
-        out = bm.largest_component(m, method)
-        assert out.sum() == 8
-    empty = torch.zeros(1, 4, 4, 4, dtype=torch.bool)
-    assert not bm.largest_component(empty, "torch").any() and not bm.largest_component(empty, "scipy").any()
+    assert bm.largest_component(m).sum() == 8
+    assert not bm.largest_component(torch.zeros(1, 4, 4, 4, dtype=torch.bool)).any()
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_largest_component_torch_equals_scipy(seed):
+def test_largest_component_is_one_whole_largest_component(seed):
     from scipy import ndimage
 
     m = _blobs(seed)
-    for method in ("torch", "scipy"):
-        out = bm.largest_component(m, method)
+    for out in [bm.largest_component(m)]:
         for b in range(m.shape[0]):
             lab, n = ndimage.label(m[b].numpy(), np.ones((3, 3, 3)))
             sizes = np.bincount(lab.ravel())[1:]
@@ -244,49 +239,61 @@ def test_unet_2d_and_size_rule():
     net = bm.UNet(2, 4, width=2, dims=2).eval()
     with torch.no_grad():
         assert net(torch.randn(1, 2, 48, 32)).shape == (1, 4, 48, 32)
-    with pytest.raises(ValueError, match="divisible by 16"):
+    with pytest.raises(ValueError, match="divide by 16"):
         bm.UNet(width=2)(torch.randn(1, 1, 24, 16, 16))
 
 
 # ---------------------------------------------------------------- sliding window
-class _Echo(torch.nn.Module):
-    """Logits (x, -x): softmax class 1 = sigmoid(-2x); lets us check the stitching exactly."""
+class _WindowMean(torch.nn.Module):
+    """Not pointwise: every voxel of a window gets logits (m, -m), m = the window's mean."""
 
     def __init__(self):
         super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
-        self.calls = []
+        self.w = torch.nn.Parameter(torch.zeros(1))  # a parameter tells the device
 
     def forward(self, x):
-        self.calls.append(x.shape[0])
-        return torch.cat([x, -x], 1) + self.w
+        m = x.mean(dim=(1, 2, 3, 4), keepdim=True).expand_as(x)
+        return torch.cat([m, -m], 1)
 
 
-@pytest.mark.parametrize("shape", [(20, 18, 10), (8, 8, 8), (33, 16, 17)])
-def test_sliding_window_exact(shape):
+def _official_windows(S, p, st):
+    """The official test_single_case window loop, written out independently."""
+    n = [int(np.ceil((s - q) / t)) + 1 for s, q, t in zip(S, p, st)]
+    return [(min(t * i, s - q) for i, s, q, t in zip(idx, S, p, st)) for idx in np.ndindex(*n)]
+
+
+@pytest.mark.parametrize("shape,stride", [((20, 18, 16), (3, 2, 5)), ((50, 16, 20), (12, 18, 4)),
+                                          ((33, 21, 17), (5, 7, 1))])
+def test_sliding_window_averages_windows_at_official_positions(shape, stride):
     g = torch.Generator().manual_seed(0)
     image = torch.randn(1, *shape, generator=g)
-    model = _Echo()
-    probs = bm.sliding_window_predict(model, image, (16, 16, 16), (5, 5, 5), batch=3)
-    assert probs.shape == (2, *shape)
-    torch.testing.assert_close(probs, torch.cat([image, -image]).softmax(0))
-    assert max(model.calls) <= 3  # windows batched
+    patch = (16, 16, 16)
+    probs = bm.sliding_window_predict(_WindowMean(), image, patch, stride, batch=3)
+    total, count = torch.zeros(2, *shape), torch.zeros(shape)
+    for a, b, c in (tuple(w) for w in _official_windows(shape, patch, stride)):
+        m = image[0, a:a + 16, b:b + 16, c:c + 16].mean()
+        total[:, a:a + 16, b:b + 16, c:c + 16] += torch.stack([m, -m]).softmax(0)[:, None, None, None]
+        count[a:a + 16, b:b + 16, c:c + 16] += 1
+    torch.testing.assert_close(probs, total / count)
 
 
-def test_sliding_window_covers_with_official_positions():
-    # official: n = ceil((S - p) / stride) + 1 windows per axis, the last flush with the border
-    model = _Echo()
-    bm.sliding_window_predict(model, torch.zeros(1, 50, 16, 16), (16, 16, 16), (18, 18, 4), batch=1)
-    assert len(model.calls) == 3  # x starts 0, 18, 34
+def test_sliding_window_pads_small_volumes():
+    image = torch.randn(1, 8, 10, 12)
+    probs = bm.sliding_window_predict(_WindowMean(), image, (16, 16, 16), (4, 4, 4))
+    padded = torch.nn.functional.pad(image, (2, 2, 3, 3, 4, 4))  # centred zero padding to 16^3
+    m = padded.mean()
+    torch.testing.assert_close(probs, torch.stack([m, -m]).softmax(0)[:, None, None, None].expand(2, 8, 10, 12))
 
 
 def test_bundled_samples_are_what_the_seeded_generator_makes(tmp_path):
     import h5py
     from conftest import ROOT
+    from make_samples import make_sample_data
 
-    fresh = bm.make_sample_data(tmp_path / "s")
-    assert (fresh / "train.list").read_text() == (ROOT / "data_samples" / "train.list").read_text()
-    for case in ["PHANTOM000", "PHANTOM019"]:
+    fresh = make_sample_data(tmp_path / "s")
+    for name in ("train.list", "test.list", "val.list"):
+        assert (fresh / name).read_text() == (ROOT / "data_samples" / name).read_text()
+    for case in ["PHANTOM000", "PHANTOM019", "PHANTOM023"]:
         for key in ("image", "label"):
             with h5py.File(fresh / bm.CASES_DIR / case / bm.CASE_FILE) as a, \
                     h5py.File(ROOT / "data_samples" / bm.CASES_DIR / case / bm.CASE_FILE) as b:
@@ -294,15 +301,10 @@ def test_bundled_samples_are_what_the_seeded_generator_makes(tmp_path):
 
 
 # ---------------------------------------------------------------- learning rate
-def test_stage_lr_step_and_poly():
-    step = bm.make_config("LA")  # official: 0.01, x0.1 every 2 500 iterations of a stage
-    assert bm.stage_lr(step, 1, 15000) == pytest.approx(0.01)
-    assert bm.stage_lr(step, 2500, 15000) == pytest.approx(0.01)
-    assert bm.stage_lr(step, 2501, 15000) == pytest.approx(0.001)
-    assert bm.stage_lr(step, 5001, 15000) == pytest.approx(0.0001)
-    poly = bm.make_config("LA", lr_schedule="poly")
-    assert bm.stage_lr(poly, 1, 100) == pytest.approx(0.01)
-    assert bm.stage_lr(poly, 51, 100) == pytest.approx(0.01 * 0.5 ** 0.9)
-    assert bm.stage_lr(poly, 100, 100) == pytest.approx(0.01 * 0.01 ** 0.9)
-    with pytest.raises(bm.UserError, match="--lr-schedule"):
-        bm.check_config(bm.make_config("sample", lr_schedule="cosine"))
+def test_stage_lr_is_the_official_schedule():
+    cfg = bm.make_config("LA")  # 0.01, x0.1 every 2 500 self-training iterations
+    assert bm.stage_lr(cfg, "selftrain", 1) == pytest.approx(0.01)
+    assert bm.stage_lr(cfg, "selftrain", 2500) == pytest.approx(0.01)
+    assert bm.stage_lr(cfg, "selftrain", 2501) == pytest.approx(0.001)
+    assert bm.stage_lr(cfg, "selftrain", 5001) == pytest.approx(0.0001)
+    assert bm.stage_lr(cfg, "pretrain", 5001) == pytest.approx(0.01)  # official pre-training never decays

@@ -40,6 +40,15 @@ def test_empty_prediction_is_a_failure():
     assert bm.hd95(empty, empty) == 0.0
 
 
+def test_both_empty_is_a_correct_answer_and_matches_medpy_where_defined():
+    medpy = pytest.importorskip("medpy.metric.binary")
+    empty = np.zeros((6, 6, 6), bool)
+    assert bm.jaccard(empty, empty) == medpy.jc(empty, empty) == 1.0
+    with np.errstate(invalid="ignore"):
+        assert np.isnan(medpy.dc(empty, empty))  # medpy leaves it undefined; we say 1.0
+    assert bm.dice(empty, empty) == 1.0 and bm.asd(empty, empty) == 0.0
+
+
 def _random_pair(seed, shape=(30, 26, 20)):
     from scipy import ndimage
 
