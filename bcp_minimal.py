@@ -488,14 +488,14 @@ def make_run(cfg):
                VolumeSampler(images[k:], labels[k:], cfg.patch, device, g), g, None, None,
                scaler, autocast)
 
-LOG_FIELDS = ["stage", "iter", "lr", "loss", "loss_in", "loss_out"]
+LOG_FIELDS = ["stage", "iter", "lr", "loss", "loss_in", "loss_out", "seconds"]
 
 def train(cfg, state=None, progress=True, on_log=None):
     """Train per cfg into cfg.out -> the Run; `state`: a checkpoint to resume (resume_run).
     bcp: "pretrain", then "selftrain" (teacher = the pre-trained student, a new optimizer, as
     official); sup: one stage "sup". on_log(stage, it, run, rows) runs after each log flush."""
     from tqdm.auto import tqdm
-    run, out = make_run(cfg), Path(cfg.out)
+    run, out, t0 = make_run(cfg), Path(cfg.out), time.time()  # seconds: since this process began
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     torch.backends.cudnn.benchmark = True
@@ -538,7 +538,8 @@ def train(cfg, state=None, progress=True, on_log=None):
                 continue
             # A host sync (the pseudo-labels have their own): the loss terms become numbers.
             values = torch.stack([torch.stack(list(t.values())) for *_, t in pending]).tolist()
-            new = [{"stage": stage, "iter": i, "lr": lr, **dict(zip(t, v))}
+            new = [{"stage": stage, "iter": i, "lr": lr, **dict(zip(t, v)), "seconds": round(
+                time.time() - t0, 1)}
                    for (i, lr, t), v in zip(pending, values)]
             bad = [r["iter"] for r, v in zip(new, values) if not all(map(math.isfinite, v))]
             if bad:

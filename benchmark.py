@@ -5,6 +5,16 @@ self-training iteration spends its time, sliding-window evaluation, and the metr
     python benchmark.py --patch 64 64 48 --root ../shared/data/LA_half   # LA_half config, real data
     python benchmark.py --eval-root DIR --metrics             # evaluation time per case; vs medpy
     python benchmark.py --gpu-check                           # the paper config's it/s, memory
+    python benchmark.py --official ../BCP --root ../shared/data/LA_half   # side by side, below
+
+Side by side (--official DIR, a checkout of github.com/DeepMed-Lab-ECNU/BCP kept outside this
+project): on the same machine, one after the other, the official LA script and bcp_minimal train
+with the same data, labeled cases, crop and budget, and both final models are scored by the same
+evaluation (bm.evaluate: sliding windows, largest component, medpy-equal metrics) on the same
+held-out cases: a validation split (the last --val cases of train.list, which neither trains on)
+and the data's test.list. The official code is copied to a work folder and patched only where a
+CPU and this comparison need it (printed, see OFFICIAL_PATCHES); it needs
+`pip install scikit-image tensorboardX pyyaml` (torchvision is replaced by a 5-line Compose).
 
 Step times are medians over --iters iterations after --warmup, of bm.train_step itself (the
 function the training loop calls). The parts of a self-training iteration (teacher forward,
@@ -16,10 +26,16 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import json
+import os
 import platform
 import resource
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -134,6 +150,147 @@ def bench_metrics(root, repeats=3):
             "medpy_s": t_ref, "speedup": t_ref / t_ours}
 
 
+# ------------------------------------------------------------------ official code, side by side
+OFFICIAL_PATCHES = [  # (file, old, new, why): the only changes made to the official code
+    ("LA_BCP_train.py", "patch_size = (112, 112, 80)",
+     "patch_size = tuple(int(v) for v in os.environ['BCP_PATCH'].split(','))",
+     "the crop of the compared budget (official: 112 x 112 x 80 hard-coded)"),
+    ("utils/BCP_utils.py", "np.random.randint(0, 112 - patch_pixel_x)",
+     "np.random.randint(0, img_x - patch_pixel_x)", "mask corner from the crop, not 112"),
+    ("utils/BCP_utils.py", "np.random.randint(0, 112 - patch_pixel_y)",
+     "np.random.randint(0, img_y - patch_pixel_y)", "mask corner from the crop, not 112"),
+    ("utils/BCP_utils.py", "np.random.randint(0, 80 - patch_pixel_z)",
+     "np.random.randint(0, img_z - patch_pixel_z)", "mask corner from the crop, not 80"),
+    ("LA_BCP_train.py", "if iter_num % 200 == 0:",
+     "if iter_num % 200 == 0 or iter_num in (pre_max_iterations, self_max_iterations):",
+     "a checkpoint at the end of each stage also for budgets that are not multiples of 200"),
+]
+
+DRIVER = """
+import itertools, json, logging, os, runpy, sys, time, types
+import torch, torch.nn as nn
+torch.Tensor.cuda = lambda self, *a, **k: self  # CPU: .cuda() is a no-op
+nn.Module.cuda = lambda self, *a, **k: self
+class Compose:  # all the official script takes from torchvision
+    def __init__(self, fs): self.fs = fs
+    def __call__(self, x):
+        for f in self.fs: x = f(x)
+        return x
+sys.modules["torchvision"] = types.SimpleNamespace(transforms=types.SimpleNamespace(Compose=Compose))
+sys.path.insert(0, os.getcwd())
+from utils import test_3d_patch
+count = itertools.count(1)  # no test-set selection: every evaluation "improves", the last wins
+test_3d_patch.var_all_case_LA = lambda *a, **k: float(next(count))
+sys.argv = ["LA_BCP_train.py"] + sys.argv[1:]
+g = runpy.run_path("LA_BCP_train.py", run_name="official")
+pre, selft = "model/pre_train", "model/self_train"
+for d in (pre, selft):
+    os.makedirs(d, exist_ok=True)
+logging.basicConfig(filename="log.txt", level=logging.INFO)
+t0 = time.time(); g["pre_train"](g["args"], pre); t1 = time.time()
+g["self_train"](g["args"], pre, selft); t2 = time.time()
+json.dump({"pretrain_s": t1 - t0, "selftrain_s": t2 - t1}, open("times.json", "w"))
+"""
+
+
+def split_root(src, dst, n_val):
+    """dst: the cases of src, train.list minus its last n_val cases, those as val.list, and
+    src's test.list (neither program ever reads val.list or test.list while training)."""
+    src, dst = Path(src).resolve(), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    if not (dst / bm.CASES_DIR).exists():
+        (dst / bm.CASES_DIR).symlink_to(src / bm.CASES_DIR)
+    train = (src / "train.list").read_text().split()
+    (dst / "train.list").write_text("\n".join(train[:-n_val]) + "\n")
+    (dst / "val.list").write_text("\n".join(train[-n_val:]) + "\n")
+    shutil.copy(src / "test.list", dst / "test.list")
+    return dst, len(train) - n_val
+
+
+def patch_official(official, work):
+    """Copy the official code/ folder to work/ and apply OFFICIAL_PATCHES (each must match)."""
+    shutil.copytree(Path(official) / "code", work, dirs_exist_ok=True)
+    for rel, old, new, _ in OFFICIAL_PATCHES:
+        text = (work / rel).read_text()
+        if old not in text:
+            raise SystemExit(f"{work / rel}: expected `{old}`; a different official version?")
+        (work / rel).write_text(text.replace(old, new))
+    (work / "driver.py").write_text(DRIVER)
+
+
+class _Logits(torch.nn.Module):
+    """The official VNet returns (logits, features); evaluation wants the logits."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)[0]
+
+
+def side_by_side(a):
+    """Train the official code and bcp_minimal one after the other; score both the same way."""
+    work = Path(a.work or tempfile.mkdtemp(prefix="bcp_side_by_side_"))
+    root, n_train = split_root(a.root, work / "data", a.val)
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "BCP_PATCH": ",".join(map(str, a.patch))}
+    cfg = bm.make_config("LA_half", root=str(root), labeled=a.labeled, patch=tuple(a.patch),
+                         pretrain_iters=a.pretrain_iters, selftrain_iters=a.selftrain_iters,
+                         eval_stride=tuple(a.eval_stride), device="cpu", seed=a.seed)
+    rows = []
+    if a.official:
+        code = work / "official"
+        patch_official(a.official, code)
+        for rel, old, new, why in OFFICIAL_PATCHES:
+            print(f"official patch, {rel}: `{old}` -> `{new}` ({why})")
+        t = time.time()
+        subprocess.run([sys.executable, "driver.py", "--root_path", str(root.resolve()),
+                        "--labelnum", str(a.labeled), "--max_samples", str(n_train),
+                        "--pre_max_iteration", str(a.pretrain_iters), "--self_max_iteration",
+                        str(a.selftrain_iters), "--seed", str(a.seed)], cwd=code, env=env, check=True)
+        wall = time.time() - t
+        times = json.loads((code / "times.json").read_text())
+        sys.path.insert(0, str(code))
+        from networks.VNet import VNet
+
+        net = VNet(n_channels=1, n_classes=2, normalization="batchnorm", has_dropout=False)
+        net.load_state_dict(torch.load(code / "model/self_train/VNet_best_model.pth",
+                                       map_location="cpu"))
+        rows.append(("official BCP (VNet)", times["pretrain_s"], times["selftrain_s"], wall,
+                     _Logits(net)))
+    out = work / "bcp_minimal"
+    flags = ["--data", "LA_half", "--root", str(root), "--labeled", str(a.labeled), "--patch",
+             *map(str, a.patch), "--pretrain-iters", str(a.pretrain_iters), "--selftrain-iters",
+             str(a.selftrain_iters), "--eval-stride", *map(str, a.eval_stride), "--seed",
+             str(a.seed), "--device", "cpu", "--eval-split", "val", "--out", str(out)]
+    t = time.time()
+    subprocess.run([sys.executable, str(Path(__file__).parent / "bcp_minimal.py"), *flags],
+                   env=env, check=True)
+    wall = time.time() - t
+    log = list(csv.DictReader(open(out / "log.csv")))
+    t_pre = max([float(r["seconds"]) for r in log if r["stage"] == "pretrain"] or [0])
+    t_self = float(log[-1]["seconds"]) - t_pre
+    model = bm.UNet(1, 2, cfg.width)
+    model.load_state_dict(bm.load_checkpoint(out / "final.pt")["model"])
+    rows.append(("bcp_minimal (U-Net)", t_pre, t_self, wall, model))
+    print(f"\n{a.labeled} labeled, {a.pretrain_iters} + {a.selftrain_iters} iterations, patch "
+          f"{a.patch}, {a.threads} threads, {platform.processor() or 'cpu'}; held-out: {a.val} "
+          f"validation cases (end of train.list) and test.list; same evaluation for both\n")
+    print("| run | s/it pre-train | s/it self-train | wall (min) | val Dice | val 95HD "
+          "| test Dice | test 95HD |\n|---|---|---|---|---|---|---|---|")
+    result = []
+    for name, tp, ts, wall, net in rows:
+        m = {s: bm.evaluate(net, cfg, split=s, progress=False) for s in ("val", "test")}
+        print(f"| {name} | {tp / a.pretrain_iters:.2f} | {ts / max(a.selftrain_iters, 1):.2f} | "
+              f"{wall / 60:.1f} | {m['val']['dice']:.4f} | {m['val']['hd95']:.2f} | "
+              f"{m['test']['dice']:.4f} | {m['test']['hd95']:.2f} |")
+        result.append({"run": name, "pretrain_s": tp, "selftrain_s": ts, "wall_s": wall,
+                       **{f"{s}_{k}": m[s][k] for s in m for k in ("dice", "jaccard", "hd95", "asd")}})
+    (work / "side_by_side.json").write_text(json.dumps(result, indent=2))
+    print(f"\nall files in {work}")
+    return result
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,7 +308,24 @@ def main(argv=None):
     p.add_argument("--metrics", action="store_true", help="hd95/asd vs medpy on --eval-root")
     p.add_argument("--gpu-check", action="store_true", help="add the paper schedule's time")
     p.add_argument("--json", help="also write the results to this file")
+    side = p.add_argument_group("side by side with the official code")
+    side.add_argument("--official", help="checkout of the official BCP repository (side by side)")
+    side.add_argument("--side-by-side", action="store_true", help="the side-by-side run, with "
+                      "--official or (without it) bcp_minimal alone")
+    side.add_argument("--labeled", type=int, default=4)
+    side.add_argument("--pretrain-iters", type=int, default=1200)
+    side.add_argument("--selftrain-iters", type=int, default=2400)
+    side.add_argument("--val", type=int, default=10, help="validation cases: the end of train.list")
+    side.add_argument("--threads", type=int, default=2)
+    side.add_argument("--seed", type=int, default=1337)
+    side.add_argument("--work", help="work folder (default: a new temporary one)")
     a = p.parse_args(argv)
+    if a.official or a.side_by_side:
+        if not a.root:
+            p.error("--official needs --root (data in the official LA layout)")
+        a.patch = a.patch if a.patch != [112, 112, 80] else [64, 64, 48]
+        a.eval_stride = a.eval_stride if a.eval_stride != [18, 18, 4] else [9, 9, 2]
+        return side_by_side(a)
 
     device = bm.pick_device(a.device)
     torch.backends.cudnn.benchmark = True

@@ -71,7 +71,7 @@ def show_mix(batch, i=0, title=""):
               ("X_out (labeled inside the box)", "x_out", "y_out", M == 0)] if "x_in" in batch
              else [("x = x_a M + x_b (1 - M), both labeled", "x", "y", torch.ones_like(M) > 0)])
     z = _z(M, batch[pairs[0][2]][i].cpu())
-    fig = Figure(figsize=(4.2 * len(pairs) * 2 / 2 + 0.5, 4.4))
+    fig = Figure(figsize=(5.2 * len(pairs), 3.2))
     axes = fig.subplots(1, 2 * len(pairs))
     for k, (name, xk, yk, gt_region) in enumerate(pairs):
         x, y = batch[xk][i, 0, :, :, z].float().cpu(), batch[yk][i, :, :, z].cpu()
@@ -82,7 +82,8 @@ def show_mix(batch, i=0, title=""):
                 ax.imshow(src.T, cmap=SOURCE, vmin=0, vmax=2, alpha=0.6, origin="lower",
                           interpolation="nearest")
             ax.contour(M[:, :, z].T, levels=[0.5], colors="cyan", linewidths=1.2)
-            ax.set_title(name if not j else "its label: green GT, orange pseudo", fontsize=8)
+            ax.set_title(name if not j else "its label: green ground truth" + (
+                ", orange pseudo-label" if len(pairs) > 1 else ""), fontsize=8)
             ax.axis("off")
     fig.suptitle(title or f"z = {z}")
     fig.tight_layout()

@@ -22,3 +22,23 @@ def test_benchmark_times_the_real_step(tmp_path, monkeypatch):
     assert set(res["steps"]) == {"pretrain_s_per_it", "selftrain_s_per_it"}
     assert abs(sum(p["share"] for p in res["selftrain_parts"].values()) - 1) < 1e-6
     assert res["hd95_asd_vs_medpy"]["same"] is True
+
+
+def test_side_by_side_split_and_official_patches(tiny_data, tmp_path):
+    """The held-out split never overlaps training, and every official patch must match its text
+    (a fake official tree here: no test needs the official code)."""
+    root, n_train = benchmark.split_root(tiny_data, tmp_path / "split", n_val=2)
+    train, val = (root / "train.list").read_text().split(), (root / "val.list").read_text().split()
+    assert n_train == len(train) == 4 and not set(train) & set(val)
+    assert train + val == (tiny_data / "train.list").read_text().split()
+    assert (root / "test.list").read_text() == (tiny_data / "test.list").read_text()
+    fake = tmp_path / "official" / "code"
+    for rel, old, _, _ in benchmark.OFFICIAL_PATCHES:
+        (fake / rel).parent.mkdir(parents=True, exist_ok=True)
+        with open(fake / rel, "a") as f:
+            f.write(old + "\n")
+    benchmark.patch_official(tmp_path / "official", tmp_path / "work")
+    for rel, old, new, _ in benchmark.OFFICIAL_PATCHES:
+        text = (tmp_path / "work" / rel).read_text()
+        assert new in text
+    assert (tmp_path / "work" / "driver.py").exists()
