@@ -239,22 +239,36 @@ def train_step(run, stage):
         ema_update(run.teacher, run.model, run.cfg.ema_decay)  # every iteration
     return {k: v.detach() for k, v in terms.items()}
 
-# 6. Data: the official LA layout, read once, cropped and augmented on the device -------------
+# 6. Data: the official LA layout (3-D) and ACDC's (2-D slices), read once ------------------
 
 CASES_DIR, CASE_FILE = "2018LA_Seg_Training Set", "mri_norm2.h5"
-MEMORY_FORMAT = torch.channels_last_3d  # 1.5x faster 3-D convolutions on CPU (benchmark.py)
-GET_LA = "get it with `python get_data.py LA --root {}` (see README)"
+GET = {"LA": "get it with `python get_data.py LA --root {}` (see README)",
+       "ACDC": "get the SSL4MIS-preprocessed ACDC data with `python get_data.py ACDC --root {}`"}
+CLASS_NAMES = {2: ["LA"], 4: ["RV", "Myo", "LV"]}  # foreground classes: LA; ACDC
+MEMORY_FORMAT = {2: torch.channels_last, 3: torch.channels_last_3d}  # 1.5x faster CPU convs
 
 class UserError(Exception):
     """A problem with the user's data, flags or files: one line, no traceback, exit 2."""
 
+def is_acdc(root):
+    return (Path(root) / "train_slices.list").is_file()  # SSL4MIS layout
+
+def case_path(root, case):
+    """LA: root/2018LA_Seg_Training Set/<case>/mri_norm2.h5. ACDC: root/data/<volume>.h5 and
+    root/data/slices/<slice>.h5, or every file in root/data (the flat copies)."""
+    if not is_acdc(root):
+        return Path(root) / CASES_DIR / case / CASE_FILE
+    nested, flat = Path(root) / "data" / "slices" / f"{case}.h5", Path(root) / "data" / f"{case}.h5"
+    return nested if nested.is_file() or ("_slice_" in case and not flat.is_file()) else flat
+
 def load_case(root, case, num_classes=2):
     """One case -> (image float32, label uint8), checked; every problem names the file."""
     import h5py
-    path = Path(root) / CASES_DIR / case / CASE_FILE
+    path = case_path(root, case)
     if not path.is_file():
         raise UserError(f"{path}: case {case!r} is in a list but has no file; remove it from "
-                        "the list or restore the file")
+                        "the list or restore the file" + (" (ACDC: data/slices/ or a flat data/)"
+                                                          if is_acdc(root) else ""))
     try:
         with h5py.File(path, "r") as f:
             missing = [k for k in ("image", "label") if k not in f]
@@ -267,8 +281,8 @@ def load_case(root, case, num_classes=2):
     except Exception as e:  # h5py raises OSError and others on truncated files
         raise UserError(f"{path}: cannot read this HDF5 file ({type(e).__name__}: {e}); it is "
                         "corrupt or truncated: re-download or re-create the case") from None
-    problem = (f"image shape {image.shape} and label shape {label.shape} must be the same 3-D "
-               "shape" if image.ndim != 3 or image.shape != label.shape else
+    problem = (f"image shape {image.shape} and label shape {label.shape} must be the same 2-D "
+               "or 3-D shape" if image.ndim not in (2, 3) or image.shape != label.shape else
                "the image holds NaN or inf values; fix the preprocessing (np.nan_to_num) or "
                "drop the case" if not np.isfinite(image).all() else
                f"label values {np.unique(label)[:10].tolist()} but {num_classes} classes allow "
@@ -284,22 +298,35 @@ def load_split(root, split, num_classes=2):
     cases = lst.read_text().split() if lst.is_file() else []
     if not cases:
         what = "is missing or empty" if Path(root).is_dir() else f"is missing: no folder {root}"
-        raise UserError(f"{lst} {what} (the official layout has train.list and test.list, one "
-                        "case id per line); " + GET_LA.format(root))
+        raise UserError(f"{lst} {what} (the official layouts have train.list (ACDC: also "
+                        "train_slices.list) and test.list, one id per line); " + GET[
+                            "ACDC" if num_classes == 4 else "LA"].format(root))
     data = [load_case(root, c, num_classes) for c in cases]
     return cases, [d[0] for d in data], [d[1] for d in data]
 
+def patients_to_slices(slices, n):
+    """ACDC --labeled counts patients: the slices of the first n patients of the list (BCP's
+    patients_to_slices: 3 -> 68, 7 -> 136 with the official train_slices.list)."""
+    patients = list(dict.fromkeys(s.split("_")[0] for s in slices))[:n]
+    return sum(s.split("_")[0] in patients for s in slices)
+
+def resize(x, size):
+    """Nearest-neighbour resize of the last len(size) axes (official ACDC: zoom, order 0)."""
+    return F.interpolate(x[None, None].float(), size=tuple(size), mode="nearest")[0, 0]
+
 class VolumeSampler:
-    """Training crops of volumes held on the device, with the official LA augmentation: a
-    random 90-degree rotation in (x, y), a flip along x or y, a random crop (zero-padded
-    where smaller, as official). `queue`: the rest of the current pass over the cases."""
+    """Training crops of volumes (or slices) held on the device, with the official LA
+    augmentation: a random 90-degree rotation in (x, y), a flip along x or y, a random crop
+    (zero-padded where smaller, as official). `queue`: the rest of the current pass.
+    Deviation for ACDC: the same rotation + flip every time (official: rotation + flip half the
+    time, a rotation by up to 20 degrees a quarter of it)."""
 
     def __init__(self, images, labels, patch, device, generator):
         self.patch, self.g, self.queue = tuple(patch), generator, []
         side = max(patch[:2])  # a rotation swaps x and y: pad both to the larger side
         self.images, self.labels = [], []
         for im, lb in zip(images, labels):
-            need = [max(t - s, 0) for t, s in zip((side, side, patch[2]), im.shape)]
+            need = [max(t - s, 0) for t, s in zip((side, side, *patch[2:]), im.shape)]
             pad = [(n // 2, n - n // 2) for n in need]
             self.images.append(torch.from_numpy(np.pad(im, pad)).to(device))
             self.labels.append(torch.from_numpy(np.pad(lb, pad)).to(device))
@@ -310,8 +337,8 @@ class VolumeSampler:
     def sample(self, i):
         """-> (image, label) crops of the patch's shape."""
         k, flip = self.randint(4), self.randint(2)  # official RandomRotFlip
-        px, py, pz = self.patch
-        size = (py, px, pz) if k % 2 else (px, py, pz)  # the crop before the rotation
+        p = self.patch
+        size = (p[1], p[0], *p[2:]) if k % 2 else p  # the crop before the rotation
         corner = [self.randint(s - c + 1) for s, c in zip(self.images[i].shape, size)]
         crop = tuple(slice(a, a + c) for a, c in zip(corner, size))
         return tuple(torch.rot90(v[crop], k, (0, 1)).flip(flip)
@@ -320,7 +347,8 @@ class VolumeSampler:
     def batch(self, indices):
         """-> images (B, 1, *patch) float, labels (B, *patch) long."""
         pairs = [self.sample(i) for i in indices]
-        x = torch.stack([p[0] for p in pairs])[:, None].contiguous(memory_format=MEMORY_FORMAT)
+        x = torch.stack([p[0] for p in pairs])[:, None]
+        x = x.contiguous(memory_format=MEMORY_FORMAT[x.ndim - 2])
         return x, torch.stack([p[1] for p in pairs]).long()
 
     def draw(self, n):
@@ -338,13 +366,15 @@ def _f(default, help, choices=None):  # a Config field with its --help line
 
 @dataclasses.dataclass
 class Config:
-    data: str = _f("sample", "preset that sets every default", ["sample", "LA", "LA_half"])
-    root: str = _f("data_samples", "data folder in the official LA layout")
-    labeled: int = _f(2, "the first N cases of train.list are labeled, the rest unlabeled")
+    data: str = _f("sample", "preset that sets every default",
+                   ["sample", "LA", "LA_half", "ACDC", "ACDC_cpu"])
+    root: str = _f("data_samples", "data folder in the official LA or the ACDC (SSL4MIS) layout")
+    labeled: int = _f(2, "LA: the first N cases of train.list are labeled; ACDC: the first N "
+                      "patients of train_slices.list (3 -> 68 slices, 7 -> 136)")
     method: str = _f("bcp", "or sup: labeled only, no copy-paste, same iterations", ["bcp", "sup"])
     pretrain_iters: int = _f(200, "stage 1 iterations (labeled copy-paste)")
     selftrain_iters: int = _f(400, "stage 2 iterations (BCP self-training)")
-    patch: tuple = _f((32, 32, 32), "training crop X Y Z, each side a multiple of 16")
+    patch: tuple = _f((32, 32, 32), "training crop X Y Z (2-D: X Y), sides multiples of 16")
     batch_size: int = _f(8, "crops per iteration: half labeled, half unlabeled")
     width: int = _f(8, "U-Net base width (channels of the first level)")
     num_classes: int = _f(2, "classes including background")
@@ -354,7 +384,7 @@ class Config:
     ema_decay: float = _f(0.99, "Mean-Teacher EMA decay, one EMA step per iteration")
     pseudo_lcc: bool = _f(True, "keep the largest component of pseudo-labels (official)")
     lr: float = _f(0.01, "SGD learning rate; momentum 0.9, weight decay 1e-4 (official)")
-    lr_step: int = _f(2500, "self-training lr x0.1 every N iterations (official: 2500)")
+    lr_step: int = _f(2500, "self-training lr x0.1 every N iterations (official LA: 2500)")
     seed: int = _f(1337, "seed of every random draw (official: 1337)")
     eval_split: str = _f("test", "list scored after training and by --eval: NAME.list")
     eval_stride: tuple = _f((16, 16, 16), "sliding-window stride X Y Z at evaluation")
@@ -372,7 +402,13 @@ PRESETS = {
                log_every=50, ckpt_every=500),
     "LA_half": dict(root="data/LA_half", labeled=4, pretrain_iters=1200, selftrain_iters=2400,
                     patch=(64, 64, 48), width=16, eval_stride=(9, 9, 2), out="runs/LA_half"),
-}  # LA_half: LA at half resolution (get_data.py), sized for a CPU
+    "ACDC": dict(root="data/ACDC", labeled=3, num_classes=4, pretrain_iters=10000,  # official
+                 selftrain_iters=30000, patch=(256, 256), batch_size=24, width=16,  # script
+                 lr_step=10**9, eval_lcc=False, eval_split="test", out="runs/ACDC"),
+    "ACDC_cpu": dict(root="data/ACDC", labeled=3, num_classes=4, pretrain_iters=600,
+                     selftrain_iters=1200, patch=(128, 128), batch_size=16, width=16,
+                     lr_step=10**9, eval_lcc=False, eval_split="val", out="runs/ACDC_cpu"),
+}  # LA_half: LA at half resolution (get_data.py), sized for a CPU. ACDC: lr never decays
 RUNTIME = {"root", "out", "device", "amp", "log_every", "ckpt_every", "eval_split",
            "eval_stride", "eval_lcc"}  # what --resume and --eval may change
 
@@ -394,12 +430,13 @@ def check_config(cfg):
     step = 4 if cfg.method == "bcp" else 2
     bad = [msg for ok, msg in [
         (0 < cfg.beta < 1, f"--beta {cfg.beta}: must be in (0, 1)"),
-        (len(cfg.patch) == 3 and all(p > 0 and p % 16 == 0 for p in cfg.patch),
+        (len(cfg.patch) in (2, 3) and all(p > 0 and p % 16 == 0 for p in cfg.patch),
          f"--patch {' '.join(map(str, cfg.patch))}: each side must be a positive multiple of "
          "16 (the U-Net halves it 4 times), e.g. --patch 64 64 48"),
         (cfg.batch_size >= step and cfg.batch_size % step == 0, f"--batch-size "
          f"{cfg.batch_size}: must be a positive multiple of {step} (half labeled, half "
          "unlabeled, each half split into the a and b of a mix)"),
+        (len(cfg.eval_stride) == 3 or len(cfg.patch) == 2, "--eval-stride: X Y Z"),
         (cfg.alpha >= 0 and 0 <= cfg.ema_decay <= 1 and cfg.lr > 0 and min(
             cfg.labeled, cfg.width, cfg.lr_step, *cfg.eval_stride) >= 1 and min(
             cfg.pretrain_iters, cfg.selftrain_iters) >= 0, "--alpha >= 0, --ema-decay in "
@@ -477,12 +514,19 @@ def make_run(cfg):
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
-    cases, images, labels = load_split(cfg.root, "train", cfg.num_classes)
-    n, k = len(cases), cfg.labeled
+    acdc, dims = is_acdc(cfg.root), len(cfg.patch)
+    cases, images, labels = load_split(cfg.root, "train_slices" if acdc else "train",
+                                       cfg.num_classes)
+    if acdc:  # 2-D slices of many sizes, resized to the patch once (official: every draw)
+        images = [resize(torch.from_numpy(im), cfg.patch).numpy() for im in images]
+        labels = [resize(torch.from_numpy(lb), cfg.patch).byte().numpy() for lb in labels]
+    n, k = len(set(c.split("_")[0] for c in cases)) if acdc else len(cases), cfg.labeled
     if k >= n + (cfg.method == "sup"):
-        raise UserError(f"--labeled {k}: {Path(cfg.root) / 'train.list'} has {n} cases and "
-                        f"BCP needs unlabeled ones; use --labeled {n - 1} or fewer")
-    model = UNet(1, cfg.num_classes, cfg.width).to(device, memory_format=MEMORY_FORMAT)
+        unit = "patients" if acdc else "cases"
+        raise UserError(f"--labeled {k}: {cfg.root} has {n} training {unit} and BCP needs "
+                        f"unlabeled ones; use --labeled {n - 1} or fewer")
+    k = patients_to_slices(cases, k) if acdc else k
+    model = UNet(1, cfg.num_classes, cfg.width, dims).to(device, memory_format=MEMORY_FORMAT[dims])
     autocast, scaler = amp_setup(cfg.amp, device)
     return Run(cfg, model, VolumeSampler(images[:k], labels[:k], cfg.patch, device, g),
                VolumeSampler(images[k:], labels[k:], cfg.patch, device, g), g, None, None,
@@ -627,29 +671,112 @@ def asd(pred, gt, spacing=None):
     """Mean distance from the prediction's surface to the ground truth's (medpy's asd)."""
     return surface_metrics(pred, gt, spacing)[1]
 
+@torch.no_grad()
+def predict_volume(model, image, cfg):
+    """Labels (*S) of one scan: 3-D by sliding windows; 2-D models (ACDC) slice by slice, each
+    resized to the patch and the prediction back (official test_single_volume, nearest)."""
+    if len(cfg.patch) == 3:
+        return sliding_window_predict(model, image[None], cfg.patch, cfg.eval_stride).argmax(0)
+    dev = next(model.parameters()).device
+    return torch.stack([resize(model(resize(sl.to(dev), cfg.patch)[None, None]).argmax(1)[0],
+                               sl.shape).long() for sl in image])  # (slices, H, W)
+
 def evaluate(model, cfg, split=None, out=None, progress=True):
-    """Score `model` on `<split>.list` (default cfg.eval_split), write out/metrics.json: sliding
-    windows, argmax, largest component (official, cfg.eval_lcc), metrics in voxels."""
+    """Score `model` on `<split>.list` (default cfg.eval_split), write out/metrics.json. Per
+    case and foreground class: the prediction (predict_volume), its largest component
+    (official LA post-processing, cfg.eval_lcc), then Dice, Jaccard, 95HD, ASD in voxels.
+    Several classes (ACDC): the top-level numbers are the means over the classes."""
     from tqdm.auto import tqdm
     cases, images, labels = load_split(cfg.root, split or cfg.eval_split, cfg.num_classes)
     model.eval()
-    rows = []
+    names, keys, rows = CLASS_NAMES.get(cfg.num_classes, range(1, cfg.num_classes)), (
+        "dice", "jaccard", "hd95", "asd"), []
     for case, image, gt in tqdm(list(zip(cases, images, labels)), "eval", disable=not progress):
-        probs = sliding_window_predict(model, torch.from_numpy(image)[None], cfg.patch,
-                                       cfg.eval_stride)
-        pred = probs.argmax(0)[None] == 1  # (1, *S)
-        pred = (largest_component(pred) if cfg.eval_lcc else pred)[0].cpu().numpy()
-        h95, mean_sd = surface_metrics(pred, gt == 1)
-        rows.append(dict(case=case, dice=dice(pred, gt == 1), jaccard=jaccard(pred, gt == 1),
-                         hd95=h95, asd=mean_sd))
-    metrics = {k: float(np.mean([r[k] for r in rows])) for k in ("dice", "jaccard", "hd95", "asd")}
+        pred = predict_volume(model, torch.from_numpy(image), cfg)[None]  # (1, *S)
+        per = {}
+        for k, name in enumerate(names, 1):
+            p = (largest_component(pred == k) if cfg.eval_lcc else pred == k)[0].cpu().numpy()
+            h95, mean_sd = surface_metrics(p, gt == k)
+            per[name] = dict(dice=dice(p, gt == k), jaccard=jaccard(p, gt == k), hd95=h95,
+                             asd=mean_sd)
+        rows.append({"case": case, **{m: float(np.mean([c[m] for c in per.values()]))
+                                      for m in keys}, **({"classes": per} if len(per) > 1 else {})})
+    metrics = {m: float(np.mean([r[m] for r in rows])) for m in keys}
+    if len(names) > 1:
+        metrics["classes"] = {c: {m: float(np.mean([r["classes"][c][m] for r in rows]))
+                                  for m in keys} for c in names}
     metrics["cases"] = rows
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
-# 9. Command line: every Config field is a flag, --data picks the preset of the defaults -----
+# 9. Segmenting new scans: NIfTI or h5 in, NIfTI masks and volumes in mL out ----------------
+
+def read_scan(path, dims):
+    """-> (image float32 normalised as in training, affine, header or None, voxel mm3 or None).
+    LA (3-D) was trained on per-volume z-scores, ACDC (2-D) on images scaled to [0, 1]."""
+    if path.suffix == ".h5":
+        import h5py
+        with h5py.File(path, "r") as f:
+            image, affine, header, voxel = np.asarray(f["image"][()], np.float32), np.eye(4), \
+                None, None
+    else:
+        import nibabel as nib
+        nii = nib.load(str(path))
+        image, affine, header = np.asarray(nii.get_fdata(), np.float32), nii.affine, nii.header
+        voxel = float(np.prod(nii.header.get_zooms()[:3]))
+    if image.ndim != 3:
+        raise ValueError(f"a {image.ndim}-D image; give one 3-D scan per file")
+    if not np.isfinite(image).all():
+        raise ValueError("the image holds NaN or inf values")
+    if dims == 3:
+        return (image - image.mean()) / (image.std() + 1e-8), affine, header, voxel
+    return (image - image.min()) / (image.max() - image.min() + 1e-8), affine, header, voxel
+
+def predict(model, cfg, source, out, rank=0, world=1, progress=True):
+    """Segment every .nii/.nii.gz/.h5 scan in `source` (a file or a folder) into
+    out/<name>.nii.gz (the input's shape, affine and header; h5: identity affine) and
+    out/volumes.csv. As --eval: the same prediction and largest component. A bad scan is named
+    in one line and skipped; a scan whose mask exists is skipped. Ranks share the scans.
+    -> the names of the scans that failed."""
+    import nibabel as nib
+    from tqdm.auto import tqdm
+    src, out = Path(source), Path(out)
+    scans = sorted(p for p in (src.iterdir() if src.is_dir() else [src])
+                   if p.name.endswith((".nii", ".nii.gz", ".h5")))[rank::world]
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    failed, rows, names = [], [], CLASS_NAMES.get(cfg.num_classes, range(1, cfg.num_classes))
+    for path in tqdm(scans, "predict", disable=not progress):
+        name = path.name.split(".")[0]
+        if (out / f"{name}.nii.gz").is_file():
+            continue
+        try:
+            image, affine, header, voxel = read_scan(path, len(cfg.patch))
+            if len(cfg.patch) == 3 and any(s < p for s, p in zip(image.shape, cfg.patch)):
+                raise ValueError(f"shape {image.shape} is smaller than the patch {cfg.patch}")
+            x = torch.from_numpy(image if len(cfg.patch) == 3 else image.transpose(2, 0, 1))
+            pred = predict_volume(model, x, cfg)[None]
+            lab = torch.zeros_like(pred)
+            for k in range(1, cfg.num_classes):
+                lab[largest_component(pred == k) if cfg.eval_lcc else pred == k] = k
+            lab = lab[0].cpu().numpy().astype(np.uint8)
+            lab = lab if len(cfg.patch) == 3 else lab.transpose(1, 2, 0)  # back to (H, W, slices)
+        except Exception as e:
+            print(f"error: {path}: {e}; skipped", file=sys.stderr)
+            failed.append(path.name)
+            continue
+        nib.save(nib.Nifti1Image(lab, affine, header), str(out / f"{name}.nii.gz"))
+        for k, cname in enumerate(names, 1):
+            n = int((lab == k).sum())
+            rows.append([name, cname, n, "" if voxel is None else round(n * voxel / 1000, 3)])
+    new = not (out / "volumes.csv").is_file()
+    with open(out / "volumes.csv", "a", newline="") as f:  # ml: empty where spacing is unknown
+        csv.writer(f).writerows(([["case", "class", "voxels", "ml"]] if new else []) + rows)
+    return failed
+
+# 10. Command line: every Config field is a flag, --data picks the preset of the defaults -----
 
 def _bool(s):
     if s.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
@@ -660,23 +787,33 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Bidirectional Copy-Paste (CVPR 2023), "
                                 "semi-supervised 3-D segmentation. Presets: " + json.dumps(PRESETS))
     for f in dataclasses.fields(Config):
-        kw = (dict(type=int, nargs=3, metavar=("X", "Y", "Z")) if isinstance(f.default, tuple)
+        kw = (dict(type=int, nargs="+", metavar="N") if isinstance(f.default, tuple)
               else {"type": _bool if isinstance(f.default, bool) else type(f.default)})
         p.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"],
                        choices=f.metadata["choices"], **kw)
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--eval", metavar="CKPT", help="score a checkpoint on --eval-split, no training")
+    p.add_argument("--predict", metavar="IN", help="segment a NIfTI/h5 file or folder (--ckpt)")
+    p.add_argument("--ckpt", help="the checkpoint --predict uses")
     args = p.parse_args(argv)
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()
              if k not in ("data", "resume", "eval") and v is not None}
     try:
         cfg, state = make_config(args.data or "sample", **given), None
-        if args.eval:  # writes beside the checkpoint, never over the run's own metrics.json
-            state = load_checkpoint(args.eval)
+        if args.eval or args.predict:  # writes beside the checkpoint, never over the run's own
+            if args.predict and not args.ckpt:
+                raise UserError("--predict needs --ckpt CKPT (a checkpoint of a training run)")
+            ckpt = args.eval or args.ckpt
+            state = load_checkpoint(ckpt)
+            kind = "predict" if args.predict else "eval"
             cfg = config_from_checkpoint(state, {
-                "out": str(Path(args.eval).parent / f"eval_{Path(args.eval).stem}"), **given})
-            model = UNet(1, cfg.num_classes, cfg.width).to(pick_device(cfg.device))
+                "out": str(Path(ckpt).parent / f"{kind}_{Path(ckpt).stem}"), **given})
+            model = UNet(1, cfg.num_classes, cfg.width, len(cfg.patch)).to(pick_device(cfg.device))
             model.load_state_dict(state["model"])
+            if args.predict:
+                failed = predict(model, cfg, args.predict, cfg.out)
+                print(f"masks and volumes.csv in {cfg.out}; {len(failed)} scans failed")
+                return 1 if failed else 0
             metrics = evaluate(model, cfg, out=cfg.out)
         else:
             if args.resume:

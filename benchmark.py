@@ -73,7 +73,7 @@ def make_run(cfg, device, root=None):
         images = [np.random.default_rng(i).normal(size=shape).astype(np.float32) for i in range(12)]
         labels = [(np.abs(im) > 1.5).astype(np.uint8) for im in images]
     k = cfg.labeled
-    model = bm.UNet(1, cfg.num_classes, cfg.width).to(device, memory_format=bm.MEMORY_FORMAT)
+    model = bm.UNet(1, cfg.num_classes, cfg.width).to(device, memory_format=bm.MEMORY_FORMAT[3])
     autocast, scaler = bm.amp_setup(cfg.amp, device)
     return bm.Run(cfg, model, bm.VolumeSampler(images[:k], labels[:k], cfg.patch, device, g),
                   bm.VolumeSampler(images[k:], labels[k:], cfg.patch, device, g), g,

@@ -3,6 +3,7 @@ train on data that is already on disk).
 
     python get_data.py LA --root data/LA                        # the 100 preprocessed LA cases
     python get_data.py LA_half --src data/LA --root data/LA_half  # the same at half resolution
+    python get_data.py ACDC --url URL --root data/ACDC           # ACDC from a zip you point to
 
 LA: the preprocessed MRI of the 2018 Atrial Segmentation Challenge as the UA-MT repository
 publishes it (data/ folder: 80 train + 20 test cases, about 2.7 GB, the split that UA-MT,
@@ -10,6 +11,9 @@ SSL4MIS and BCP use). Every file is checked (HDF5 signature, 'image' and 'label'
 and written through a .part file, so an interrupted download resumes where it stopped.
 LA_half: every axis halved (trilinear image, label = trilinear label >= 0.5), the same lists;
 what `--data LA_half` (a CPU preset) trains on.
+ACDC: the SSL4MIS preprocessing of the ACDC cardiac MRI (2-D training slices, volumes for
+evaluation, the lists BCP uses); its authors share it as a zip on cloud drives without a stable
+direct link, so this script takes the zip's URL (or unpack it yourself, see ACDC_HELP).
 """
 
 from __future__ import annotations
@@ -125,7 +129,7 @@ def make_half(src, dst, progress=True) -> Path:
 def prepare(preset, root, url=LA_URL):
     """Fetch what `--data preset` needs into root (LA_half: via data/LA beside root)."""
     if preset == "LA":
-        print(f"{root} is missing: downloading the preprocessed LA data (100 cases, ~2.7 GB)")
+        print(f"{root} is missing: downloading the preprocessed LA data (100 cases)")
         return download_la(root, url)
     if preset == "LA_half":
         full = Path(root).parent / "LA"
@@ -133,21 +137,70 @@ def prepare(preset, root, url=LA_URL):
             prepare("LA", full, url)
         print(f"{root} is missing: writing LA at half resolution from {full}")
         return make_half(full, root)
+    if preset.startswith("ACDC"):
+        raise UserError(f"{root} is missing; " + ACDC_HELP.format(root=root))
     raise UserError(f"--data {preset}: nothing to download")
+
+
+ACDC_HELP = ("the SSL4MIS-preprocessed ACDC (data/slices/<slice>.h5, data/<volume>.h5, "
+             "train_slices.list, val.list, test.list) is linked from github.com/HiLab-git/SSL4MIS"
+             " (data/ACDC/README.md) as a zip: unzip it into {root}, or give its direct URL: "
+             "`python get_data.py ACDC --url URL --root {root}`")
+
+
+def download_acdc(root, url, timeout=60) -> Path:
+    """Fetch a zip of the SSL4MIS ACDC folder from url (through a .part file), unpack it into
+    root (the folder holding train_slices.list may be nested in the zip) and check the layout."""
+    import urllib.error
+    import urllib.request
+    import zipfile
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    zpath = root / "acdc.zip"
+    if not zpath.is_file():
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:
+                with open(f"{zpath}.part", "wb") as f:
+                    shutil.copyfileobj(r, f)
+        except (urllib.error.URLError, OSError) as e:
+            raise UserError(f"download {url}: {getattr(e, 'reason', e)}; " + ACDC_HELP.format(
+                root=root)) from None
+        os.replace(f"{zpath}.part", zpath)
+    try:
+        with zipfile.ZipFile(zpath) as z:
+            z.extractall(root / "unpacked")
+    except zipfile.BadZipFile:
+        zpath.unlink()
+        raise UserError(f"{url}: not a zip file (removed); "
+                        + ACDC_HELP.format(root=root)) from None
+    lists = sorted((root / "unpacked").rglob("train_slices.list"))
+    if not lists:
+        raise UserError(f"{zpath}: no train_slices.list inside; " + ACDC_HELP.format(root=root))
+    for item in lists[0].parent.iterdir():
+        os.replace(item, root / item.name)
+    shutil.rmtree(root / "unpacked")
+    zpath.unlink()
+    return root
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["LA", "LA_half"])
+    p.add_argument("what", choices=["LA", "LA_half", "ACDC"])
     p.add_argument("--root", help="where to write (default data/LA or data/LA_half)")
     p.add_argument("--src", default="data/LA", help="LA_half: the full-size LA data")
-    p.add_argument("--url", default=LA_URL, help="LA: a mirror of the UA-MT data/ folder")
+    p.add_argument("--url", help="LA: a mirror of the UA-MT data/ folder (default: UA-MT's own); "
+                   "ACDC: the direct URL of a zip of the SSL4MIS ACDC folder")
     a = p.parse_args(argv)
     root = a.root or f"data/{a.what}"
     try:
         if a.what == "LA":
-            download_la(root, a.url)
+            download_la(root, a.url or LA_URL)
+        elif a.what == "ACDC":
+            if not a.url:
+                raise UserError(f"{root}: " + ACDC_HELP.format(root=root))
+            download_acdc(root, a.url)
         else:
             make_half(a.src, root)
     except UserError as e:

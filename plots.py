@@ -120,3 +120,28 @@ def show_weights(batch, alpha, num_classes=2):
         ax.axis("off")
     fig.colorbar(im, ax=axes, shrink=0.8, label="per-voxel weight (GT voxel of X_in = 1)")
     return fig
+
+
+CLASSES = ListedColormap(["none", "tab:red", "tab:green", "tab:blue"])  # ACDC: RV, Myo, LV
+
+
+def show_classes(batch, i=0, title=""):
+    """2-D (ACDC) batches: each mixed input beside its label coloured by class (RV red, Myo
+    green, LV blue), the box in cyan. batch: bm.selftrain_batch's or bm.pretrain_batch's dict."""
+    M = batch["M"].cpu()
+    keys = [("x_in", "y_in"), ("x_out", "y_out")] if "x_in" in batch else [("x", "y")]
+    fig = Figure(figsize=(5.2 * len(keys), 3.2))
+    axes = fig.subplots(1, 2 * len(keys))
+    for k, (xk, yk) in enumerate(keys):
+        x, y = batch[xk][i, 0].float().cpu(), batch[yk][i].cpu()
+        for j, ax in enumerate(axes[2 * k: 2 * k + 2]):
+            ax.imshow(x.T, cmap="gray", origin="lower")
+            if j:
+                ax.imshow(np.ma.masked_equal(y.numpy(), 0).T, cmap=CLASSES, vmin=0, vmax=3,
+                          alpha=0.6, origin="lower", interpolation="nearest")
+            ax.contour(M.T, levels=[0.5], colors="cyan", linewidths=1.2)
+            ax.set_title(xk if not j else f"{yk}: RV red, Myo green, LV blue", fontsize=8)
+            ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

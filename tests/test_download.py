@@ -119,3 +119,32 @@ def test_make_half_reproduces_the_shared_la_half(tmp_path):
         with h5py.File(tmp_path / "half" / bm.CASES_DIR / case / bm.CASE_FILE) as a, \
                 h5py.File(shared / "LA_half" / bm.CASES_DIR / case / bm.CASE_FILE) as b:
             np.testing.assert_array_equal(a[key][()], b[key][()])
+
+
+def test_acdc_zip_download_unpacks_a_nested_folder(tmp_path):
+    """get_data.py ACDC --url: a zip whose ACDC folder sits one level down, served on 127.0.0.1."""
+    import zipfile
+
+    from test_acdc import make_acdc
+
+    src = make_acdc(tmp_path / "src" / "ACDC")
+    site = tmp_path / "site"
+    site.mkdir()
+    with zipfile.ZipFile(site / "acdc.zip", "w") as z:
+        for f in src.rglob("*"):
+            z.write(f, f.relative_to(tmp_path / "src"))
+    (site / "bad.zip").write_bytes(b"<html>a login page</html>")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(
+        http.server.SimpleHTTPRequestHandler, directory=str(site)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        root = tmp_path / "ACDC"
+        assert get_data.main(["ACDC", "--url", f"{url}/acdc.zip", "--root", str(root)]) == 0
+        assert (root / "train_slices.list").read_text() == (src / "train_slices.list").read_text()
+        assert bm.load_split(root, "val", 4)[1][0].ndim == 3 and not (root / "acdc.zip").exists()
+        assert get_data.main(["ACDC", "--url", f"{url}/bad.zip", "--root", str(tmp_path / "b")]) == 2
+        assert get_data.main(["ACDC", "--root", str(tmp_path / "c")]) == 2  # no URL: where to get it
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -105,7 +105,7 @@ def test_nan_in_image(capsys, data, tmp_path):
 
 def test_too_many_labeled(capsys, data, tmp_path):
     code, err = run(capsys, "--root", data, "--out", tmp_path / "o", "--labeled", 99, *FAST)
-    assert code == 2 and "--labeled 99" in err and "train.list" in err
+    assert code == 2 and "--labeled 99" in err and str(data) in err and "6 training cases" in err
 
 
 @pytest.mark.parametrize("flag,value,needle", [

@@ -1,0 +1,153 @@
+"""ACDC: 2-D slices, four classes, the SSL4MIS layout (nested and flat), per-class metrics."""
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import SHARED_DATA
+
+import bcp_minimal as bm
+
+
+def _heart(rng, shape):
+    """A slice with LV (3) inside Myo (2) and an RV (1) beside it; image ~ label + noise."""
+    X, Y = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    c = np.array(shape) / 2 + rng.uniform(-3, 3, 2)
+    r = np.hypot(X - c[0], Y - c[1])
+    lab = np.zeros(shape, np.uint8)
+    lab[r < 9] = 2
+    lab[r < 6] = 3
+    lab[np.hypot(X - c[0] - 12, Y - c[1]) < 5] = 1
+    return (lab / 3 + rng.normal(0, 0.05, shape)).astype(np.float32), lab
+
+
+def make_acdc(root, flat=False, patients=5, slices=3, shape=(40, 36)):
+    rng = np.random.default_rng(0)
+    data = root / "data"
+    (data if flat else data / "slices").mkdir(parents=True, exist_ok=True)
+    train, vols = [], []
+    for p in range(1, patients + 1):
+        for frame in (1, 2):
+            vol = f"patient{p:03d}_frame0{frame}"
+            ims, lbs = zip(*[_heart(rng, shape) for _ in range(slices)])
+            with h5py.File(data / f"{vol}.h5", "w") as f:
+                f["image"], f["label"] = np.stack(ims), np.stack(lbs)
+            for k in range(slices):
+                name = f"{vol}_slice_{k}"
+                with h5py.File((data if flat else data / "slices") / f"{name}.h5", "w") as f:
+                    f["image"], f["label"] = ims[k], lbs[k]
+                if p <= patients - 2:
+                    train.append(name)
+            vols.append(vol)
+    (root / "train_slices.list").write_text("\n".join(train) + "\n")
+    (root / "train.list").write_text("\n".join(vols[:-4]) + "\n")
+    (root / "val.list").write_text("\n".join(vols[-4:-2]) + "\n")
+    (root / "test.list").write_text("\n".join(vols[-2:]) + "\n")
+    return root
+
+
+FAST = dict(pretrain_iters=2, selftrain_iters=2, patch=(32, 32), batch_size=8, width=2,
+            log_every=1, ckpt_every=1, device="cpu")
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_acdc_trains_and_scores_per_class_in_both_layouts(tmp_path, flat):
+    root = make_acdc(tmp_path / "acdc", flat=flat)
+    cfg = bm.make_config("ACDC", root=str(root), out=str(tmp_path / "run"), labeled=1,
+                         eval_split="val", **FAST)
+    run = bm.train(cfg, progress=False)
+    assert len(run.lab.images) == 6 and len(run.unl.images) == 12  # patient 1: 2 frames x 3 slices
+    assert run.lab.images[0].shape == (32, 32)  # each slice resized to the patch
+    m = bm.evaluate(run.model, cfg, out=tmp_path / "run", progress=False)
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(saved["classes"]) == {"RV", "Myo", "LV"} and len(saved["cases"]) == 2
+    for k in ("dice", "jaccard", "hd95", "asd"):  # top level = mean over the three classes
+        assert m[k] == pytest.approx(np.mean([m["classes"][c][k] for c in ("RV", "Myo", "LV")]))
+
+
+class Oracle(torch.nn.Module):
+    """Reads the class off the image (image = label / 3 + noise), but calls LV myocardium."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        k = (x[:, 0] * 3).round().clamp(0, 3).long()
+        k[k == 3] = 2
+        return F.one_hot(k, 4).movedim(-1, 1).float()
+
+
+def test_slice_wise_prediction_and_per_class_metrics_against_medpy(tmp_path):
+    medpy = pytest.importorskip("medpy.metric.binary")
+    root = make_acdc(tmp_path / "acdc")
+    cfg = bm.make_config("ACDC", root=str(root), patch=(32, 32), eval_split="test")
+    _, images, labels = bm.load_split(root, "test", 4)
+    pred = bm.predict_volume(Oracle(), torch.from_numpy(images[0]), cfg).numpy()
+    assert pred.shape == labels[0].shape  # resized to the patch and back, slice by slice
+    m = bm.evaluate(Oracle(), cfg, progress=False)
+    case = m["cases"][0]["classes"]
+    for k, name in ((1, "RV"), (2, "Myo")):
+        assert case[name]["dice"] == pytest.approx(medpy.dc(pred == k, labels[0] == k))
+        assert case[name]["hd95"] == pytest.approx(medpy.hd95(pred == k, labels[0] == k))
+    assert case["LV"]["dice"] == 0.0  # an empty class is a failure: Dice 0, worst distance
+    assert case["LV"]["hd95"] == pytest.approx(np.sqrt(sum((s - 1) ** 2 for s in pred.shape)))
+
+
+def test_mask_and_mix_in_2d_by_hand():
+    M = bm.bcp_mask((6, 9), beta=2 / 3, center=True)  # a box of int(6 * 2/3) x int(9 * 2/3) = 4 x 6
+    expected = torch.ones(6, 9)
+    expected[1:5, 1:7] = 0  # centred: starts (6 - 4) // 2 = 1 and (9 - 6) // 2 = 1
+    assert torch.equal(M, expected)
+    a, b = torch.zeros(1, 1, 6, 9), torch.ones(1, 1, 6, 9)
+    assert torch.equal(bm.mix(a, b, M)[0, 0], 1 - M)  # b only inside the box
+    ya, yb = torch.full((1, 6, 9), 3), torch.full((1, 6, 9), 1)
+    assert torch.equal(bm.mix(ya, yb, M)[0], torch.where(M.bool(), 3, 1))
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "ACDC").is_dir(), reason="real ACDC (../shared/data) not present")
+def test_labeled_patients_to_slices_as_bcp():
+    slices = (SHARED_DATA / "ACDC" / "train_slices.list").read_text().split()
+    assert bm.patients_to_slices(slices, 3) == 68 and bm.patients_to_slices(slices, 7) == 136
+    assert bm.patients_to_slices(slices, 70) == 1312
+
+
+def _run(capsys, *argv):
+    code = bm.main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+ARGS = ["--data", "ACDC", "--labeled", "1", "--pretrain-iters", "1", "--selftrain-iters", "1",
+        "--patch", "32", "32", "--batch-size", "8", "--width", "2", "--device", "cpu"]
+
+
+def test_missing_slices_folder_is_one_clear_line(capsys, tmp_path):
+    root = make_acdc(tmp_path / "acdc")
+    shutil.rmtree(root / "data" / "slices")
+    code, err = _run(capsys, "--root", root, "--out", tmp_path / "o", *ARGS)
+    assert code == 2 and "data/slices" in err and "_slice_" in err and err.count("\n") == 1
+
+
+def test_label_value_4_is_refused(capsys, tmp_path):
+    root = make_acdc(tmp_path / "acdc")
+    name = (root / "train_slices.list").read_text().split()[2]
+    path = root / "data" / "slices" / f"{name}.h5"
+    with h5py.File(path, "a") as f:
+        f["label"][0, 0] = 4
+    code, err = _run(capsys, "--root", root, "--out", tmp_path / "o", *ARGS)
+    assert code == 2 and str(path) in err and "4 classes allow 0..3" in err
+
+
+def test_slice_and_label_of_different_shapes(capsys, tmp_path):
+    root = make_acdc(tmp_path / "acdc")
+    name = (root / "train_slices.list").read_text().split()[0]
+    path = root / "data" / "slices" / f"{name}.h5"
+    with h5py.File(path, "a") as f:
+        lb = f["label"][()]
+        del f["label"]
+        f["label"] = lb[:-1]
+    code, err = _run(capsys, "--root", root, "--out", tmp_path / "o", *ARGS)
+    assert code == 2 and str(path) in err and "shape" in err
