@@ -714,8 +714,9 @@ def evaluate(model, cfg, split=None, out=None, progress=True):
 # 9. Segmenting new scans: NIfTI or h5 in, NIfTI masks and volumes in mL out ----------------
 
 def read_scan(path, dims):
-    """-> (image float32 normalised as in training, affine, header or None, voxel mm3 or None).
-    LA (3-D) was trained on per-volume z-scores, ACDC (2-D) on images scaled to [0, 1]."""
+    """-> (image float32 normalised as the training data, affine, header or None, voxel mm3 or
+    None). LA (3-D) trains on volumes z-scored by the preprocessing, ACDC (2-D) on images
+    scaled to [0, 1]: a scan that is not already so is z-scored / scaled here."""
     if path.suffix == ".h5":
         import h5py
         with h5py.File(path, "r") as f:
@@ -730,9 +731,12 @@ def read_scan(path, dims):
         raise ValueError(f"a {image.ndim}-D image; give one 3-D scan per file")
     if not np.isfinite(image).all():
         raise ValueError("the image holds NaN or inf values")
-    if dims == 3:
-        return (image - image.mean()) / (image.std() + 1e-8), affine, header, voxel
-    return (image - image.min()) / (image.max() - image.min() + 1e-8), affine, header, voxel
+    lo, hi, mean, std = image.min(), image.max(), image.mean(), image.std()
+    if dims == 3 and (abs(mean) > 0.05 or abs(std - 1) > 0.05):
+        image = (image - mean) / (std + 1e-8)
+    elif dims == 2 and (lo < 0 or hi > 1):
+        image = (image - lo) / (hi - lo + 1e-8)
+    return image, affine, header, voxel
 
 def predict(model, cfg, source, out, rank=0, world=1, progress=True):
     """Segment every .nii/.nii.gz/.h5 scan in `source` (a file or a folder) into
@@ -767,7 +771,9 @@ def predict(model, cfg, source, out, rank=0, world=1, progress=True):
             print(f"error: {path}: {e}; skipped", file=sys.stderr)
             failed.append(path.name)
             continue
-        nib.save(nib.Nifti1Image(lab, affine, header), str(out / f"{name}.nii.gz"))
+        mask = nib.Nifti1Image(lab, affine, header)
+        mask.set_data_dtype(np.uint8)  # the input's header, but integer labels
+        nib.save(mask, str(out / f"{name}.nii.gz"))
         for k, cname in enumerate(names, 1):
             n = int((lab == k).sum())
             rows.append([name, cname, n, "" if voxel is None else round(n * voxel / 1000, 3)])
@@ -797,7 +803,7 @@ def main(argv=None):
     p.add_argument("--ckpt", help="the checkpoint --predict uses")
     args = p.parse_args(argv)
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()
-             if k not in ("data", "resume", "eval") and v is not None}
+             if k not in ("data", "resume", "eval", "predict", "ckpt") and v is not None}
     try:
         cfg, state = make_config(args.data or "sample", **given), None
         if args.eval or args.predict:  # writes beside the checkpoint, never over the run's own

@@ -1,0 +1,82 @@
+"""--predict: NIfTI (and h5) in, masks with the input's geometry and volumes in mL out."""
+import csv
+import json
+
+import h5py
+import numpy as np
+import pytest
+from conftest import tiny_cfg
+
+import bcp_minimal as bm
+
+nib = pytest.importorskip("nibabel")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    bm.train(tiny_cfg(tiny_data, out, pretrain_iters=20, selftrain_iters=20, width=4), progress=False)
+    return out / "final.pt"
+
+
+AFFINE = np.array([[0.0, -1.25, 0, 30], [1.25, 0, 0, -12], [0, 0, 2.5, 7], [0, 0, 0, 1]])
+
+
+def _nifti(tiny_data, folder, case):
+    with h5py.File(tiny_data / bm.CASES_DIR / case / bm.CASE_FILE) as f:
+        image, label = f["image"][()], f["label"][()]
+    folder.mkdir(exist_ok=True)
+    nib.save(nib.Nifti1Image(image, AFFINE), str(folder / f"{case}.nii.gz"))
+    return label
+
+
+def test_predict_nifti_keeps_geometry_and_matches_eval(capsys, tiny_data, trained, tmp_path):
+    cases = (tiny_data / "test.list").read_text().split()
+    labels = {c: _nifti(tiny_data, tmp_path / "in", c) for c in cases}
+    assert bm.main(["--predict", str(tmp_path / "in"), "--ckpt", str(trained), "--out", str(tmp_path / "p")]) == 0
+    assert bm.main(["--eval", str(trained), "--out", str(tmp_path / "e")]) == 0
+    evaluated = {r["case"]: r for r in json.loads((tmp_path / "e" / "metrics.json").read_text())["cases"]}
+    rows = list(csv.DictReader(open(tmp_path / "p" / "volumes.csv")))
+    for case in cases:
+        mask = nib.load(str(tmp_path / "p" / f"{case}.nii.gz"))
+        pred = np.asarray(mask.dataobj)
+        assert pred.shape == labels[case].shape and np.allclose(mask.affine, AFFINE)
+        assert pred.dtype == np.uint8 and set(np.unique(pred)) <= {0, 1}
+        assert bm.dice(pred == 1, labels[case] == 1) == pytest.approx(evaluated[case]["dice"], abs=1e-12)
+        row = next(r for r in rows if r["case"] == case)
+        assert int(row["voxels"]) == int((pred == 1).sum())
+        assert float(row["ml"]) == pytest.approx(int(row["voxels"]) * 1.25 * 1.25 * 2.5 / 1000, abs=1e-3)
+
+
+def test_predict_bad_scans_are_named_and_the_rest_written(capsys, tiny_data, trained, tmp_path):
+    good = (tiny_data / "test.list").read_text().split()[0]
+    _nifti(tiny_data, tmp_path / "in", good)
+    d = tmp_path / "in"
+    (d / "garbage.nii.gz").write_bytes(b"not a nifti at all")
+    nib.save(nib.Nifti1Image(np.zeros((24, 24), np.float32), np.eye(4)), str(d / "flat.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros((24, 24, 16, 2), np.float32), np.eye(4)), str(d / "fourd.nii.gz"))
+    nan = np.random.default_rng(0).normal(size=(24, 24, 16)).astype(np.float32)
+    nan[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(nan, np.eye(4)), str(d / "nan.nii.gz"))
+    nib.save(nib.Nifti1Image(np.ones((8, 24, 16), np.float32), np.eye(4)), str(d / "small.nii.gz"))
+    with h5py.File(d / "h5case.h5", "w") as f:
+        f["image"] = np.random.default_rng(1).normal(size=(24, 24, 16)).astype(np.float32)
+    out = tmp_path / "p"
+    code = bm.main(["--predict", str(d), "--ckpt", str(trained), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1
+    for bad, why in [("garbage", ""), ("flat", "2-D"), ("fourd", "4-D"), ("nan", "NaN"), ("small", "smaller")]:
+        line = next(line for line in err.splitlines() if f"{bad}.nii.gz" in line)
+        assert why in line and not (out / f"{bad}.nii.gz").exists()
+    assert (out / f"{good}.nii.gz").exists() and (out / "h5case.nii.gz").exists()
+    assert np.allclose(nib.load(str(out / "h5case.nii.gz")).affine, np.eye(4))  # h5: identity
+    h5row = next(r for r in csv.DictReader(open(out / "volumes.csv")) if r["case"] == "h5case")
+    assert h5row["ml"] == ""  # no spacing known: no mL
+    before = (out / f"{good}.nii.gz").stat().st_mtime_ns
+    bm.main(["--predict", str(d), "--ckpt", str(trained), "--out", str(out)])  # again: skips what exists
+    assert (out / f"{good}.nii.gz").stat().st_mtime_ns == before
+
+
+def test_predict_needs_a_checkpoint(capsys, tmp_path):
+    assert bm.main(["--predict", str(tmp_path)]) == 2
+    assert "--predict needs --ckpt" in capsys.readouterr().err
