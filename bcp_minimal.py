@@ -232,6 +232,9 @@ def train_step(run, stage):
         loss, terms = stage_loss(stage, run.model, run.teacher, run.lab, run.unl, run.cfg, run.g)
     run.optimizer.zero_grad(set_to_none=True)
     (run.scaler.scale(loss) if run.scaler else loss).backward()  # scaler: fp16 on older GPUs
+    for p in run.model.parameters() if run.world > 1 else []:  # torchrun: the mean gradient
+        torch.distributed.all_reduce(p.grad)  # (no SyncBatchNorm: each process normalises its
+        p.grad /= run.world  # own forwards of 2 images, as the official single-GPU code does)
     run.scaler.step(run.optimizer) if run.scaler else run.optimizer.step()
     if run.scaler:
         run.scaler.update()
@@ -499,21 +502,35 @@ class Run:
     optimizer: torch.optim.Optimizer | None = None
     scaler: object = None
     autocast: object = contextlib.nullcontext
+    rank: int = 0  # torchrun: this process, of `world`
+    world: int = 1
 
     def state(self, stage, it):
+        """The checkpoint; with several processes every one's random streams (a collective)."""
         sd = lambda m: None if m is None else m.state_dict()  # noqa: E731
+        rng = [(self.g.get_state(), torch.get_rng_state(), self.lab.queue, self.unl.queue)]
+        if self.world > 1:
+            torch.distributed.all_gather_object(rng := rng * self.world, rng[0])
         return {"format": "bcp_minimal/1", "cfg": dataclasses.asdict(self.cfg), "stage": stage,
                 "iter": it, "model": sd(self.model), "teacher": sd(self.teacher),
-                "optimizer": sd(self.optimizer), "scaler": sd(self.scaler),
-                "rng": {"data": self.g.get_state(), "torch": torch.get_rng_state(),
-                        "queues": (list(self.lab.queue), list(self.unl.queue))}}
+                "optimizer": sd(self.optimizer), "scaler": sd(self.scaler), "rng": rng}
+
+def dist_setup(cfg):
+    """-> (rank, world size). Under torchrun: one process per GPU (nccl) or CPU share (gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not torch.distributed.is_initialized():
+        cuda = pick_device(cfg.device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return int(os.environ.get("RANK", 0)), world
 
 def make_run(cfg):
     """The data, model and random stream of cfg (train and benchmark.py use it)."""
     check_config(cfg)
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
+    (rank, world), device = dist_setup(cfg), pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
+    g = torch.Generator().manual_seed(cfg.seed + rank)  # its own crops and masks per process
     acdc, dims = is_acdc(cfg.root), len(cfg.patch)
     cases, images, labels = load_split(cfg.root, "train_slices" if acdc else "train",
                                        cfg.num_classes)
@@ -530,7 +547,7 @@ def make_run(cfg):
     autocast, scaler = amp_setup(cfg.amp, device)
     return Run(cfg, model, VolumeSampler(images[:k], labels[:k], cfg.patch, device, g),
                VolumeSampler(images[k:], labels[k:], cfg.patch, device, g), g, None, None,
-               scaler, autocast)
+               scaler, autocast, rank, world)
 
 LOG_FIELDS = ["stage", "iter", "lr", "loss", "loss_in", "loss_out", "seconds"]
 
@@ -540,6 +557,7 @@ def train(cfg, state=None, progress=True, on_log=None):
     official); sup: one stage "sup". on_log(stage, it, run, rows) runs after each log flush."""
     from tqdm.auto import tqdm
     run, out, t0 = make_run(cfg), Path(cfg.out), time.time()  # seconds: since this process began
+    lead = run.rank == 0  # under torchrun only the first process writes files
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     torch.backends.cudnn.benchmark = True
@@ -547,18 +565,23 @@ def train(cfg, state=None, progress=True, on_log=None):
               if cfg.method == "bcp" else [("sup", cfg.pretrain_iters + cfg.selftrain_iters)])
     names, done, rows = [s for s, _ in stages], (stages[0][0], 0), []
     if state is not None:
+        if len(state["rng"]) != run.world:
+            raise UserError(f"--resume: the run had {len(state['rng'])} processes, not "
+                            f"{run.world}; resume it with as many")
         run.model.load_state_dict(state["model"])
-        run.g.set_state(state["rng"]["data"])
-        torch.set_rng_state(state["rng"]["torch"])
-        run.lab.queue, run.unl.queue = map(list, state["rng"]["queues"])
+        g_state, t_state, run.lab.queue, run.unl.queue = state["rng"][run.rank]
+        run.g.set_state(g_state)
+        torch.set_rng_state(t_state)
         done = (state["stage"], state["iter"])
         if (out / "log.csv").is_file():  # keep the log up to the checkpoint, re-log the rest
             rows = [r for r in csv.DictReader(open(out / "log.csv")) if (names.index(
                 r["stage"]), int(r["iter"])) <= (names.index(done[0]), done[1])]
-    with open(out / "log.csv.tmp", "w", newline="") as f:  # atomic, as the checkpoints
-        csv.DictWriter(f, LOG_FIELDS).writerows([dict(zip(LOG_FIELDS, LOG_FIELDS))] + rows)
-    os.replace(out / "log.csv.tmp", out / "log.csv")
-    log, ckpt = open(out / "log.csv", "a", newline=""), out / "ckpt_last.pt"
+    if lead:
+        with open(out / "log.csv.tmp", "w", newline="") as f:  # atomic, as the checkpoints
+            csv.DictWriter(f, LOG_FIELDS).writerows([dict(zip(LOG_FIELDS, LOG_FIELDS))] + rows)
+        os.replace(out / "log.csv.tmp", out / "log.csv")
+    log = open(out / "log.csv" if lead else os.devnull, "a", newline="")
+    ckpt, save = out / "ckpt_last.pt", lambda path, st: lead and save_checkpoint(path, st)
     for stage, iters in stages[names.index(done[0]):]:
         resumed = state is not None and stage == done[0]
         if stage == "selftrain":
@@ -574,7 +597,7 @@ def train(cfg, state=None, progress=True, on_log=None):
         run.model.train()
         first, pending = (done[1] + 1 if resumed else 1), []
         for it in tqdm(range(first, iters + 1), stage, iters, initial=first - 1,
-                       disable=not progress):
+                       disable=not progress or not lead):
             for group in run.optimizer.param_groups:
                 group["lr"] = stage_lr(cfg, stage, it)
             pending.append((it, group["lr"], train_step(run, stage)))
@@ -594,14 +617,14 @@ def train(cfg, state=None, progress=True, on_log=None):
             log.flush()
             pending = []
             if it % cfg.ckpt_every == 0 or it == iters:
-                save_checkpoint(ckpt, run.state(stage, it))
+                save(ckpt, run.state(stage, it))
             if on_log is not None:
                 on_log(stage, it, run, new)
                 run.model.train()  # the callback may have evaluated the model
         if stage == "pretrain":
-            save_checkpoint(out / "pretrain.pt", run.state(stage, iters))
+            save(out / "pretrain.pt", run.state(stage, iters))
     log.close()
-    save_checkpoint(out / "final.pt", run.state(*stages[-1]))
+    save(out / "final.pt", run.state(*stages[-1]))
     return run
 
 def resume_run(out, given=None):
@@ -777,10 +800,14 @@ def predict(model, cfg, source, out, rank=0, world=1, progress=True):
         for k, cname in enumerate(names, 1):
             n = int((lab == k).sum())
             rows.append([name, cname, n, "" if voxel is None else round(n * voxel / 1000, 3)])
+    if world > 1:  # the first process writes every process's rows
+        every = [None] * world
+        torch.distributed.all_gather_object(every, (rows, failed))
+        rows, failed = [r for e in every for r in e[0]], [f for e in every for f in e[1]]
     new = not (out / "volumes.csv").is_file()
-    with open(out / "volumes.csv", "a", newline="") as f:  # ml: empty where spacing is unknown
+    with open(out / "volumes.csv" if rank == 0 else os.devnull, "a", newline="") as f:
         csv.writer(f).writerows(([["case", "class", "voxels", "ml"]] if new else []) + rows)
-    return failed
+    return failed  # (ml: empty where the spacing is unknown)
 
 # 10. Command line: every Config field is a flag, --data picks the preset of the defaults -----
 
@@ -814,11 +841,13 @@ def main(argv=None):
             kind = "predict" if args.predict else "eval"
             cfg = config_from_checkpoint(state, {
                 "out": str(Path(ckpt).parent / f"{kind}_{Path(ckpt).stem}"), **given})
+            rank, world = dist_setup(cfg) if args.predict else (0, 1)  # torchrun: share scans
             model = UNet(1, cfg.num_classes, cfg.width, len(cfg.patch)).to(pick_device(cfg.device))
             model.load_state_dict(state["model"])
             if args.predict:
-                failed = predict(model, cfg, args.predict, cfg.out)
-                print(f"masks and volumes.csv in {cfg.out}; {len(failed)} scans failed")
+                failed = predict(model, cfg, args.predict, cfg.out, rank, world)
+                if rank == 0:
+                    print(f"masks and volumes.csv in {cfg.out}; {len(failed)} scans failed")
                 return 1 if failed else 0
             metrics = evaluate(model, cfg, out=cfg.out)
         else:
@@ -829,6 +858,8 @@ def main(argv=None):
                 get_data.prepare(cfg.data, cfg.root)
             t0 = time.time()
             run = train(cfg, state)
+            if run.rank:
+                return 0  # under torchrun the first process evaluates
             metrics = {**evaluate(run.model, cfg), "train_seconds": round(time.time() - t0, 1)}
             (Path(cfg.out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
     except UserError as e:

@@ -1,0 +1,54 @@
+"""torchrun: 2 CPU processes (gloo) train, checkpoint, resume, and shard --predict."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+nib = pytest.importorskip("nibabel")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.mark.parametrize("die_at", [0, 3], ids=["straight", "killed-then-resumed"])
+def test_two_processes_keep_one_teacher(tiny_data, tmp_path, die_at):
+    r = subprocess.run(TORCHRUN + [str(ROOT / "tests" / "ddp_check.py"), str(tiny_data), str(tmp_path), str(die_at)],
+                       capture_output=True, text=True, timeout=600, env=ENV, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "ddp_check.json").read_text())
+    assert res == {"teacher": True, "student": True, "different_streams": True, "world": 2}
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))  # written once, by the first process
+    assert [(r["stage"], int(r["iter"])) for r in rows] == [("pretrain", i) for i in range(1, 4)] + [
+        ("selftrain", i) for i in range(1, 6)]
+
+
+def test_two_process_predict_writes_each_scan_once(tiny_data, tmp_path):
+    import h5py
+    from test_predict import AFFINE
+
+    r = subprocess.run([sys.executable, str(ROOT / "bcp_minimal.py"), "--root", str(tiny_data), "--out",
+                        str(tmp_path / "run"), "--pretrain-iters", "3", "--selftrain-iters", "3", "--patch",
+                        "16", "16", "16", "--width", "2", "--eval-stride", "8", "8", "8", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=600, env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    scans = tmp_path / "in"
+    scans.mkdir()
+    for case in (tiny_data / "train.list").read_text().split()[:5]:
+        with h5py.File(tiny_data / "2018LA_Seg_Training Set" / case / "mri_norm2.h5") as f:
+            nib.save(nib.Nifti1Image(f["image"][()], AFFINE), str(scans / f"{case}.nii.gz"))
+    outs = {}
+    for n, cmd in [(1, [sys.executable]), (2, TORCHRUN)]:
+        r = subprocess.run(cmd + [str(ROOT / "bcp_minimal.py"), "--predict", str(scans), "--ckpt",
+                                  str(tmp_path / "run" / "final.pt"), "--out", str(tmp_path / f"p{n}")],
+                           capture_output=True, text=True, timeout=600, env=ENV)
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows = list(csv.DictReader(open(tmp_path / f"p{n}" / "volumes.csv")))
+        assert sorted(r["case"] for r in rows) == sorted(p.name.split(".")[0] for p in scans.iterdir())
+        outs[n] = {p.name: np.asarray(nib.load(str(p)).dataobj) for p in (tmp_path / f"p{n}").glob("*.nii.gz")}
+    assert outs[1].keys() == outs[2].keys() and len(outs[1]) == 5
+    for name in outs[1]:
+        np.testing.assert_array_equal(outs[1][name], outs[2][name])
