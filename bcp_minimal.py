@@ -1,4 +1,4 @@
-"""bcp_minimal: Bidirectional Copy-Paste (BCP) for semi-supervised 3-D segmentation, one file.
+"""bcp_minimal: Bidirectional Copy-Paste (BCP) for semi-supervised segmentation, LA 3-D, ACDC 2-D.
 
 Bai, Chen, Li, Ma, Shen, "Bidirectional Copy-Paste for Semi-Supervised Medical Image
 Segmentation", CVPR 2023 (arXiv 2305.00673). Official code: github.com/DeepMed-Lab-ECNU/BCP.
@@ -215,7 +215,8 @@ def stage_loss(stage, model, teacher, lab, unl, cfg, g):
         return loss, {"loss": loss}
     if stage == "pretrain":
         b = pretrain_batch(lab, cfg, g)
-        loss = seg_loss(model(b["x"]), b["y"])  # official: (CE + Dice) / 2 on the whole mix
+        loss = seg_loss(model(b["x"]), b["y"])  # official LA: (CE + Dice) / 2 on the whole mix
+        # (deviation for ACDC: its official script sums the two regions' losses instead)
         return loss, {"loss": loss}
     b = selftrain_batch(lab, unl, teacher, cfg, g)
     q_in, q_out = model(b["x_in"]), model(b["x_out"])  # two forwards as official (BN per mix)
