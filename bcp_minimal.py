@@ -315,7 +315,7 @@ def patients_to_slices(slices, n):
     return sum(s.split("_")[0] in patients for s in slices)
 
 def resize(x, size):
-    """Nearest-neighbour resize of the last len(size) axes (official ACDC: zoom, order 0)."""
+    """An image or label resized to `size`, nearest neighbour (official ACDC: zoom, order 0)."""
     return F.interpolate(x[None, None].float(), size=tuple(size), mode="nearest")[0, 0]
 
 class VolumeSampler:
