@@ -174,10 +174,12 @@ def pseudo_label(logits, largest_cc=True):
     """Teacher logits (B, K, *S) -> labels (B, *S): argmax (K = 2: the official softmax >= 0.5),
     then each foreground class keeps its largest component; the rest becomes background."""
     lab = logits.argmax(1)
-    if not largest_cc:
-        return lab
+    return largest_per_class(lab, logits.shape[1]) if largest_cc else lab
+
+def largest_per_class(lab, num_classes):
+    """Labels (B, *S): each foreground class keeps its largest component, the rest -> 0."""
     out = torch.zeros_like(lab)
-    for k in range(1, logits.shape[1]):
+    for k in range(1, num_classes):
         out[largest_component(lab == k)] = k
     return out
 
@@ -785,10 +787,8 @@ def predict(model, cfg, source, out, rank=0, world=1, progress=True):
             if len(cfg.patch) == 3 and any(s < p for s, p in zip(image.shape, cfg.patch)):
                 raise ValueError(f"shape {image.shape} is smaller than the patch {cfg.patch}")
             x = torch.from_numpy(image if len(cfg.patch) == 3 else image.transpose(2, 0, 1))
-            pred = predict_volume(model, x, cfg)[None]
-            lab = torch.zeros_like(pred)
-            for k in range(1, cfg.num_classes):
-                lab[largest_component(pred == k) if cfg.eval_lcc else pred == k] = k
+            lab = predict_volume(model, x, cfg)[None]
+            lab = largest_per_class(lab, cfg.num_classes) if cfg.eval_lcc else lab
             lab = lab[0].cpu().numpy().astype(np.uint8)
             lab = lab if len(cfg.patch) == 3 else lab.transpose(1, 2, 0)  # back to (H, W, slices)
         except Exception as e:
