@@ -238,17 +238,22 @@ def side_by_side(a):
                          pretrain_iters=a.pretrain_iters, selftrain_iters=a.selftrain_iters,
                          eval_stride=tuple(a.eval_stride), device="cpu", seed=a.seed)
     rows = []
-    if a.official:
+    if a.official and a.only != "bcp_minimal":
         code = work / "official"
-        patch_official(a.official, code)
-        for rel, old, new, why in OFFICIAL_PATCHES:
-            print(f"official patch, {rel}: `{old}` -> `{new}` ({why})")
-        t = time.time()
-        subprocess.run([sys.executable, "driver.py", "--root_path", str(root.resolve()),
-                        "--labelnum", str(a.labeled), "--max_samples", str(n_train),
-                        "--pre_max_iteration", str(a.pretrain_iters), "--self_max_iteration",
-                        str(a.selftrain_iters), "--seed", str(a.seed)], cwd=code, env=env, check=True)
-        wall = time.time() - t
+        if not (code / "wall.json").exists():  # a finished run in --work is reused, not redone
+            patch_official(a.official, code)
+            for rel, old, new, why in OFFICIAL_PATCHES:
+                print(f"official patch, {rel}: `{old}` -> `{new}` ({why})")
+            t = time.time()
+            subprocess.run([sys.executable, "driver.py", "--root_path", str(root.resolve()),
+                            "--labelnum", str(a.labeled), "--max_samples", str(n_train),
+                            "--pre_max_iteration", str(a.pretrain_iters), "--self_max_iteration",
+                            str(a.selftrain_iters), "--seed", str(a.seed)], cwd=code, env=env,
+                           check=True)
+            (code / "wall.json").write_text(json.dumps({"wall_s": time.time() - t}))
+        else:
+            print(f"official: reusing the finished run in {code}")
+        wall = json.loads((code / "wall.json").read_text())["wall_s"]
         times = json.loads((code / "times.json").read_text())
         sys.path.insert(0, str(code))
         from networks.VNet import VNet
@@ -263,16 +268,21 @@ def side_by_side(a):
              *map(str, a.patch), "--pretrain-iters", str(a.pretrain_iters), "--selftrain-iters",
              str(a.selftrain_iters), "--eval-stride", *map(str, a.eval_stride), "--seed",
              str(a.seed), "--device", "cpu", "--eval-split", "val", "--out", str(out)]
-    t = time.time()
-    subprocess.run([sys.executable, str(Path(__file__).parent / "bcp_minimal.py"), *flags],
-                   env=env, check=True)
-    wall = time.time() - t
-    log = list(csv.DictReader(open(out / "log.csv")))
-    t_pre = max([float(r["seconds"]) for r in log if r["stage"] == "pretrain"] or [0])
-    t_self = float(log[-1]["seconds"]) - t_pre
-    model = bm.UNet(1, 2, cfg.width)
-    model.load_state_dict(bm.load_checkpoint(out / "final.pt")["model"])
-    rows.append(("bcp_minimal (U-Net)", t_pre, t_self, wall, model))
+    if a.only != "official" and not (out / "wall.json").exists():
+        t = time.time()
+        subprocess.run([sys.executable, str(Path(__file__).parent / "bcp_minimal.py"), *flags],
+                       env=env, check=True)
+        (out / "wall.json").write_text(json.dumps({"wall_s": time.time() - t}))
+    elif a.only != "official":
+        print(f"bcp_minimal: reusing the finished run in {out}")
+    if (out / "wall.json").exists():
+        wall = json.loads((out / "wall.json").read_text())["wall_s"]
+        log = list(csv.DictReader(open(out / "log.csv")))
+        t_pre = max([float(r["seconds"]) for r in log if r["stage"] == "pretrain"] or [0])
+        t_self = float(log[-1]["seconds"]) - t_pre
+        model = bm.UNet(1, 2, cfg.width)
+        model.load_state_dict(bm.load_checkpoint(out / "final.pt")["model"])
+        rows.append(("bcp_minimal (U-Net)", t_pre, t_self, wall, model))
     print(f"\n{a.labeled} labeled, {a.pretrain_iters} + {a.selftrain_iters} iterations, patch "
           f"{a.patch}, {a.threads} threads, {platform.processor() or 'cpu'}; held-out: {a.val} "
           f"validation cases (end of train.list) and test.list; same evaluation for both\n")
@@ -318,7 +328,10 @@ def main(argv=None):
     side.add_argument("--val", type=int, default=10, help="validation cases: the end of train.list")
     side.add_argument("--threads", type=int, default=2)
     side.add_argument("--seed", type=int, default=1337)
-    side.add_argument("--work", help="work folder (default: a new temporary one)")
+    side.add_argument("--work", help="work folder (default: a new temporary one); a run already "
+                      "finished in it is reused, so the two can be trained in separate sessions")
+    side.add_argument("--only", choices=["official", "bcp_minimal"],
+                      help="train just this one now (the other is shown if finished in --work)")
     a = p.parse_args(argv)
     if a.official or a.side_by_side:
         if not a.root:
