@@ -161,6 +161,9 @@ OFFICIAL_PATCHES = [  # (file, old, new, why): the only changes made to the offi
      "np.random.randint(0, img_y - patch_pixel_y)", "mask corner from the crop, not 112"),
     ("utils/BCP_utils.py", "np.random.randint(0, 80 - patch_pixel_z)",
      "np.random.randint(0, img_z - patch_pixel_z)", "mask corner from the crop, not 80"),
+    ("LA_BCP_train.py", "num_workers=4, pin_memory=True", "num_workers=0, pin_memory=False",
+     "CPU: with 4 labeled cases an epoch is one batch, so 4 loader processes were started anew "
+     "every iteration (2 s/it of process start-up on 2 cores); load in the main process"),
     ("LA_BCP_train.py", "if iter_num % 200 == 0:",
      "if iter_num % 200 == 0 or iter_num in (pre_max_iterations, self_max_iterations):",
      "a checkpoint at the end of each stage also for budgets that are not multiples of 200"),
@@ -238,21 +241,20 @@ def side_by_side(a):
                          pretrain_iters=a.pretrain_iters, selftrain_iters=a.selftrain_iters,
                          eval_stride=tuple(a.eval_stride), device="cpu", seed=a.seed)
     rows = []
-    if a.official and a.only != "bcp_minimal":
-        code = work / "official"
-        if not (code / "wall.json").exists():  # a finished run in --work is reused, not redone
-            patch_official(a.official, code)
-            for rel, old, new, why in OFFICIAL_PATCHES:
-                print(f"official patch, {rel}: `{old}` -> `{new}` ({why})")
-            t = time.time()
-            subprocess.run([sys.executable, "driver.py", "--root_path", str(root.resolve()),
-                            "--labelnum", str(a.labeled), "--max_samples", str(n_train),
-                            "--pre_max_iteration", str(a.pretrain_iters), "--self_max_iteration",
-                            str(a.selftrain_iters), "--seed", str(a.seed)], cwd=code, env=env,
-                           check=True)
-            (code / "wall.json").write_text(json.dumps({"wall_s": time.time() - t}))
-        else:
-            print(f"official: reusing the finished run in {code}")
+    code = work / "official"
+    if a.official and a.only != "bcp_minimal" and not (code / "wall.json").exists():  # a finished run is reused
+        patch_official(a.official, code)
+        for rel, old, new, why in OFFICIAL_PATCHES:
+            print(f"official patch, {rel}: `{old}` -> `{new}` ({why})")
+        t = time.time()
+        subprocess.run([sys.executable, "driver.py", "--root_path", str(root.resolve()),
+                        "--labelnum", str(a.labeled), "--max_samples", str(n_train),
+                        "--pre_max_iteration", str(a.pretrain_iters), "--self_max_iteration",
+                        str(a.selftrain_iters), "--seed", str(a.seed)], cwd=code, env=env,
+                       check=True)
+        (code / "wall.json").write_text(json.dumps({"wall_s": time.time() - t}))
+    if (code / "wall.json").exists():
+        print(f"official: the finished run in {code}")
         wall = json.loads((code / "wall.json").read_text())["wall_s"]
         times = json.loads((code / "times.json").read_text())
         sys.path.insert(0, str(code))
