@@ -338,6 +338,8 @@ def main(argv=None):
     if a.official or a.side_by_side:
         if not a.root:
             p.error("--official needs --root (data in the official LA layout)")
+        if a.only == "official" and not a.official:
+            p.error("--only official needs --official DIR (a checkout of the official code)")
         a.patch = a.patch if a.patch != [112, 112, 80] else [64, 64, 48]
         a.eval_stride = a.eval_stride if a.eval_stride != [18, 18, 4] else [9, 9, 2]
         return side_by_side(a)
