@@ -232,6 +232,21 @@ class _Logits(torch.nn.Module):
         return self.net(x)[0]
 
 
+def run_once(folder, start, train):
+    """Wall seconds of the run recorded in folder/wall.json, or None. If there is none and `train`,
+    start() it first: a run finished in --work is reused, so the two sides can be trained at
+    different times."""
+    done = folder / "wall.json"
+    if train and not done.exists():
+        t = time.time()
+        start()
+        done.write_text(json.dumps({"wall_s": time.time() - t}))
+    if not done.exists():
+        return None
+    print(f"{folder.name}: the finished run in {folder}")
+    return json.loads(done.read_text())["wall_s"]
+
+
 def side_by_side(a):
     """Train the official code and bcp_minimal one after the other; score both the same way."""
     work = Path(a.work or tempfile.mkdtemp(prefix="bcp_side_by_side_"))
@@ -242,20 +257,19 @@ def side_by_side(a):
                          eval_stride=tuple(a.eval_stride), device="cpu", seed=a.seed)
     rows = []
     code = work / "official"
-    if a.official and a.only != "bcp_minimal" and not (code / "wall.json").exists():  # a finished run is reused
+
+    def official():
         patch_official(a.official, code)
         for rel, old, new, why in OFFICIAL_PATCHES:
             print(f"official patch, {rel}: `{old}` -> `{new}` ({why})")
-        t = time.time()
         subprocess.run([sys.executable, "driver.py", "--root_path", str(root.resolve()),
                         "--labelnum", str(a.labeled), "--max_samples", str(n_train),
                         "--pre_max_iteration", str(a.pretrain_iters), "--self_max_iteration",
                         str(a.selftrain_iters), "--seed", str(a.seed)], cwd=code, env=env,
                        check=True)
-        (code / "wall.json").write_text(json.dumps({"wall_s": time.time() - t}))
-    if (code / "wall.json").exists():
-        print(f"official: the finished run in {code}")
-        wall = json.loads((code / "wall.json").read_text())["wall_s"]
+
+    wall = run_once(code, official, bool(a.official) and a.only != "bcp_minimal")
+    if wall is not None:
         times = json.loads((code / "times.json").read_text())
         sys.path.insert(0, str(code))
         from networks.VNet import VNet
@@ -270,15 +284,10 @@ def side_by_side(a):
              *map(str, a.patch), "--pretrain-iters", str(a.pretrain_iters), "--selftrain-iters",
              str(a.selftrain_iters), "--eval-stride", *map(str, a.eval_stride), "--seed",
              str(a.seed), "--device", "cpu", "--eval-split", "val", "--out", str(out)]
-    if a.only != "official" and not (out / "wall.json").exists():
-        t = time.time()
-        subprocess.run([sys.executable, str(Path(__file__).parent / "bcp_minimal.py"), *flags],
-                       env=env, check=True)
-        (out / "wall.json").write_text(json.dumps({"wall_s": time.time() - t}))
-    elif a.only != "official":
-        print(f"bcp_minimal: reusing the finished run in {out}")
-    if (out / "wall.json").exists():
-        wall = json.loads((out / "wall.json").read_text())["wall_s"]
+    wall = run_once(out, lambda: subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "bcp_minimal.py"), *flags], env=env,
+        check=True), a.only != "official")
+    if wall is not None:
         log = list(csv.DictReader(open(out / "log.csv")))
         t_pre = max([float(r["seconds"]) for r in log if r["stage"] == "pretrain"] or [0])
         t_self = float(log[-1]["seconds"]) - t_pre
