@@ -18,6 +18,7 @@ Helpers beside this file, not the method: get_data.py, plots.py, data_samples/ma
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import copy
 import csv
@@ -526,6 +527,7 @@ def dist_setup(cfg):
         if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        atexit.register(torch.distributed.destroy_process_group)  # else gloo can abort at exit
     return int(os.environ.get("RANK", 0)), world
 
 def make_run(cfg):
