@@ -25,6 +25,7 @@ same sizes, with a device synchronisation around each, to show their shares.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import json
@@ -291,12 +292,16 @@ def side_by_side(a):
         log = list(csv.DictReader(open(out / "log.csv")))
         t_pre = max([float(r["seconds"]) for r in log if r["stage"] == "pretrain"] or [0])
         t_self = float(log[-1]["seconds"]) - t_pre
-        model = bm.UNet(1, 2, cfg.width)
-        model.load_state_dict(bm.load_checkpoint(out / "final.pt")["model"])
-        rows.append(("bcp_minimal (U-Net)", t_pre, t_self, wall, model))
+        final = bm.load_checkpoint(out / "final.pt")
+        for key, name in (("model", "bcp_minimal (U-Net)"), ("teacher", "its EMA teacher")):
+            model = bm.UNet(1, 2, cfg.width)
+            model.load_state_dict(final[key])  # the student is what is scored, as official;
+            rows.append((name, t_pre, t_self, wall, model))  # the teacher: for reference
+    amp = bm.amp_setup("auto", torch.device("cpu"))[0] is not contextlib.nullcontext
     print(f"\n{a.labeled} labeled, {a.pretrain_iters} + {a.selftrain_iters} iterations, patch "
-          f"{a.patch}, {a.threads} threads, {platform.processor() or 'cpu'}; held-out: {a.val} "
-          f"validation cases (end of train.list) and test.list; same evaluation for both\n")
+          f"{a.patch}, {a.threads} threads, {platform.processor() or 'cpu'}; official fp32, "
+          f"bcp_minimal {'bf16 (AMX)' if amp else 'fp32'}; held-out: {a.val} validation cases "
+          f"(end of train.list) and test.list; the same fp32 evaluation for both\n")
     print("| run | s/it pre-train | s/it self-train | wall (min) | val Dice | val 95HD "
           "| test Dice | test 95HD |\n|---|---|---|---|---|---|---|---|")
     result = []

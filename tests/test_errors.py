@@ -111,6 +111,7 @@ def test_too_many_labeled(capsys, data, tmp_path):
 @pytest.mark.parametrize("flag,value,needle", [
     ("--beta", "1.5", "--beta"), ("--beta", "0", "--beta"), ("--alpha", "-1", "--alpha"),
     ("--batch-size", "6", "--batch-size"), ("--batch-size", "3", "--batch-size"),
+    ("--dropout", "1", "--dropout"), ("--dropout", "-0.1", "--dropout"),
 ])
 def test_argument_errors_before_any_work(capsys, tmp_path, flag, value, needle):
     # the root does not even exist: argument checks come first

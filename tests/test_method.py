@@ -243,6 +243,29 @@ def test_unet_2d_and_size_rule():
         bm.UNet(width=2)(torch.randn(1, 1, 24, 16, 16))
 
 
+@pytest.mark.parametrize("dims", [3, 2])
+def test_dropout_zeroes_whole_channels_of_bottleneck_and_last_features_in_train_only(dims):
+    """--dropout p: as the official V-Net's Dropout3d(0.5), whole channels of the bottleneck
+    and of the head's input are zeroed (the rest scaled 1 / (1 - p)) in train mode; eval mode
+    is the same network without dropout."""
+    torch.manual_seed(0)
+    net, plain = bm.UNet(1, 2, 4, dims, dropout=0.5), bm.UNet(1, 2, 4, dims)
+    seen = {}
+    for name in ("up4", "head"):
+        getattr(net, name).register_forward_hook(lambda m, i, o, n=name: seen.update({n: i[0]}))
+    x = torch.randn(6, 1, *[32] * dims)
+    net.train()(x)
+    for name, c in (("up4", 64), ("head", 4)):
+        zero = seen[name].flatten(2).abs().amax(2) == 0  # (B, C): channels all zero
+        assert seen[name].shape[1] == c and 0.2 < zero.float().mean() < 0.8, name
+    plain.load_state_dict(net.state_dict())  # the BatchNorm statistics of that forward
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x), plain.eval()(x))
+    plain.head.register_forward_hook(lambda m, i, o: seen.update({"plain": i[0]}))
+    plain.train()(x)  # the default, dropout 0: no channel is zeroed
+    assert (seen["plain"].flatten(2).abs().amax(2) > 0).all()
+
+
 # ---------------------------------------------------------------- sliding window
 class _WindowMean(torch.nn.Module):
     """Not pointwise: every voxel of a window gets logits (m, -m), m = the window's mean."""

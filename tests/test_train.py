@@ -1,5 +1,4 @@
 """End-to-end: both stages, the teacher's EMA per iteration, resume after SIGKILL, evaluation."""
-import contextlib
 import csv
 import json
 import os
@@ -157,8 +156,30 @@ def test_real_la_full_size_two_iterations(tmp_path):
     assert len(_losses(tmp_path)) == 4
 
 
-def test_amp_is_cuda_only():
-    """AMP never touches a CPU run: no autocast, no GradScaler, whatever --amp says."""
-    for mode in ("auto", "on", "off"):
+def test_amp_on_cpu_is_bf16_where_amx_runs_it(monkeypatch):
+    """CPU: bf16 autocast with --amp on, or with auto on a CPU with AMX; fp32 with off or
+    without AMX; never a GradScaler (bf16 needs none)."""
+    conv, x = torch.nn.Conv3d(1, 2, 3), torch.randn(1, 1, 4, 4, 4)
+
+    def dtype(mode, amx):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
         autocast, scaler = bm.amp_setup(mode, torch.device("cpu"))
-        assert autocast is contextlib.nullcontext and scaler is None
+        assert scaler is None
+        with autocast():
+            return conv(x).dtype
+
+    assert dtype("on", False) == dtype("on", True) == dtype("auto", True) == torch.bfloat16
+    assert dtype("auto", False) == dtype("off", True) == dtype("off", False) == torch.float32
+
+
+def test_bf16_step_keeps_fp32_weights_and_a_finite_loss(tiny_data, tmp_path):
+    """One self-training step under CPU bf16: the loss is fp32 (losses cast the logits), the
+    weights and the teacher stay fp32, and the step moves the student."""
+    run = bm.make_run(tiny_cfg(tiny_data, tmp_path, amp="on"))
+    run.teacher = bm.copy.deepcopy(run.model).requires_grad_(False)
+    run.optimizer = torch.optim.SGD(run.model.parameters(), 0.01)
+    before = [p.clone() for p in run.model.parameters()]
+    terms = bm.train_step(run, "selftrain")
+    assert terms["loss"].dtype == torch.float32 and torch.isfinite(terms["loss"])
+    assert all(p.dtype == torch.float32 for p in [*run.model.parameters(), *run.teacher.parameters()])
+    assert any(not torch.equal(a, b) for a, b in zip(before, run.model.parameters()))
