@@ -539,13 +539,19 @@ def dist_setup(cfg):
         atexit.register(torch.distributed.destroy_process_group)  # else gloo can abort at exit
     return int(os.environ.get("RANK", 0)), world
 
+def make_model(cfg, device="cpu"):
+    """The U-Net a config describes (classes, width, 2-D/3-D from the patch, dropout)."""
+    dims = len(cfg.patch)
+    return UNet(1, cfg.num_classes, cfg.width, dims, cfg.dropout).to(
+        device, memory_format=MEMORY_FORMAT[dims])
+
 def make_run(cfg):
     """The data, model and random stream of cfg (train and benchmark.py use it)."""
     check_config(cfg)
     (rank, world), device = dist_setup(cfg), pick_device(cfg.device)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     g = torch.Generator().manual_seed(cfg.seed + rank)  # its own crops and masks per process
-    acdc, dims = is_acdc(cfg.root), len(cfg.patch)
+    acdc = is_acdc(cfg.root)
     cases, images, labels = load_split(cfg.root, "train_slices" if acdc else "train",
                                        cfg.num_classes)
     if acdc:  # 2-D slices of many sizes, resized to the patch once (official: every draw)
@@ -557,8 +563,7 @@ def make_run(cfg):
         raise UserError(f"--labeled {k}: {cfg.root} has {n} training {unit} and BCP needs "
                         f"unlabeled ones; use --labeled {n - 1} or fewer")
     k = patients_to_slices(cases, k) if acdc else k
-    model = UNet(1, cfg.num_classes, cfg.width, dims, cfg.dropout).to(
-        device, memory_format=MEMORY_FORMAT[dims])
+    model = make_model(cfg, device)
     autocast, scaler = amp_setup(cfg.amp, device)
     return Run(cfg, model, VolumeSampler(images[:k], labels[:k], cfg.patch, device, g),
                VolumeSampler(images[k:], labels[k:], cfg.patch, device, g), g, None, None,
@@ -855,8 +860,7 @@ def main(argv=None):
             cfg = config_from_checkpoint(state, {
                 "out": str(Path(ckpt).parent / f"{kind}_{Path(ckpt).stem}"), **given})
             rank, world = dist_setup(cfg) if args.predict else (0, 1)  # torchrun: share scans
-            model = UNet(1, cfg.num_classes, cfg.width, len(cfg.patch), cfg.dropout).to(
-                pick_device(cfg.device))
+            model = make_model(cfg, pick_device(cfg.device))
             model.load_state_dict(state["model"])
             if args.predict:
                 failed = predict(model, cfg, args.predict, cfg.out, rank, world)

@@ -74,7 +74,7 @@ def make_run(cfg, device, root=None):
         images = [np.random.default_rng(i).normal(size=shape).astype(np.float32) for i in range(12)]
         labels = [(np.abs(im) > 1.5).astype(np.uint8) for im in images]
     k = cfg.labeled
-    model = bm.UNet(1, cfg.num_classes, cfg.width).to(device, memory_format=bm.MEMORY_FORMAT[3])
+    model = bm.make_model(cfg, device)
     autocast, scaler = bm.amp_setup(cfg.amp, device)
     return bm.Run(cfg, model, bm.VolumeSampler(images[:k], labels[:k], cfg.patch, device, g),
                   bm.VolumeSampler(images[k:], labels[k:], cfg.patch, device, g), g,
@@ -294,7 +294,7 @@ def side_by_side(a):
         t_self = float(log[-1]["seconds"]) - t_pre
         final = bm.load_checkpoint(out / "final.pt")
         for key, name in (("model", "bcp_minimal (U-Net)"), ("teacher", "its EMA teacher")):
-            model = bm.UNet(1, 2, cfg.width)
+            model = bm.make_model(bm.config_from_checkpoint(final, {}))
             model.load_state_dict(final[key])  # the student is what is scored, as official;
             rows.append((name, t_pre, t_self, wall, model))  # the teacher: for reference
     amp = bm.amp_setup("auto", torch.device("cpu"))[0] is not contextlib.nullcontext
