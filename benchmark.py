@@ -293,8 +293,9 @@ def side_by_side(a):
         t_pre = max([float(r["seconds"]) for r in log if r["stage"] == "pretrain"] or [0])
         t_self = float(log[-1]["seconds"]) - t_pre
         final = bm.load_checkpoint(out / "final.pt")
+        trained = bm.config_from_checkpoint(final, {})  # its width, dropout: the nets to score
         for key, name in (("model", "bcp_minimal (U-Net)"), ("teacher", "its EMA teacher")):
-            model = bm.make_model(bm.config_from_checkpoint(final, {}))
+            model = bm.make_model(trained)
             model.load_state_dict(final[key])  # the student is what is scored, as official;
             rows.append((name, t_pre, t_self, wall, model))  # the teacher: for reference
     amp = bm.amp_setup("auto", torch.device("cpu"))[0] is not contextlib.nullcontext
