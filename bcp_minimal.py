@@ -325,18 +325,23 @@ def resize(x, size):
 
 class VolumeSampler:
     """Training crops of volumes (or slices) held on the device, with the official LA
-    augmentation: a random 90-degree rotation in (x, y), a flip along x or y, a random crop
-    (zero-padded where smaller, as official). `queue`: the rest of the current pass.
-    Deviation for ACDC: the same rotation + flip every time (official: rotation + flip half the
-    time, a rotation by up to 20 degrees a quarter of it)."""
+    augmentation: a random 90-degree rotation in (x, y), a flip along x or y, a random crop.
+    Padding (3-D, official RandomCrop): if a side is <= the patch's, every side gets
+    max((patch - side) // 2 + 3, 0) zeros at both ends, so a crop moves up to 6 voxels even
+    along LA's 44 slices (patch 48); `margin=0` (2-D) pads just to the patch. `queue`: the rest
+    of the current pass. Deviation for ACDC: the same rotation + flip every time (official:
+    rotation + flip half the time, a rotation by up to 20 degrees a quarter of it)."""
 
-    def __init__(self, images, labels, patch, device, generator):
+    def __init__(self, images, labels, patch, device, generator, margin=None):
         self.patch, self.g, self.queue = tuple(patch), generator, []
+        margin = (3 if len(patch) == 3 else 0) if margin is None else margin
         side = max(patch[:2])  # a rotation swaps x and y: pad both to the larger side
         self.images, self.labels = [], []
         for im, lb in zip(images, labels):
-            need = [max(t - s, 0) for t, s in zip((side, side, *patch[2:]), im.shape)]
-            pad = [(n // 2, n - n // 2) for n in need]
+            target = (side, side, *patch[2:])
+            pad = [(n // 2, n - n // 2) for n in (max(t - s, 0) for t, s in zip(target, im.shape))]
+            if margin and any(s <= t for s, t in zip(im.shape, target)):
+                pad = [(max((t - s) // 2 + margin, 0),) * 2 for t, s in zip(target, im.shape)]
             self.images.append(torch.from_numpy(np.pad(im, pad)).to(device))
             self.labels.append(torch.from_numpy(np.pad(lb, pad)).to(device))
 
@@ -411,7 +416,8 @@ PRESETS = {
                patch=(112, 112, 80), width=16, eval_stride=(18, 18, 4), out="runs/LA",
                log_every=50, ckpt_every=500),
     "LA_half": dict(root="data/LA_half", labeled=4, pretrain_iters=1200, selftrain_iters=2400,
-                    patch=(64, 64, 48), width=16, eval_stride=(9, 9, 2), out="runs/LA_half"),
+                    patch=(64, 64, 48), width=16, dropout=0.5, eval_stride=(9, 9, 2),
+                    out="runs/LA_half"),
     "ACDC": dict(root="data/ACDC", labeled=3, num_classes=4, pretrain_iters=10000,  # official
                  selftrain_iters=30000, patch=(256, 256), batch_size=24, width=16,  # script
                  lr_step=10**9, eval_lcc=False, eval_split="test", out="runs/ACDC"),

@@ -133,8 +133,33 @@ def test_sampler_rotates_image_and_label_together_for_non_cubic_patches(patch):
 def test_sampler_draws_every_rotation():
     g = torch.Generator().manual_seed(3)
     image = np.arange(32 * 32 * 16, dtype=np.float32).reshape(32, 32, 16)
-    s = bm.VolumeSampler([image], [np.zeros_like(image, np.uint8)], (32, 32, 16), "cpu", g)
+    s = bm.VolumeSampler([image], [np.zeros_like(image, np.uint8)], (32, 32, 16), "cpu", g,
+                         margin=0)  # no padding: one crop, only the rotation and flip vary
     seen = {tuple(s.batch([0])[0][0, 0, :2, :2, 0].flatten().tolist()) for _ in range(60)}
     # official RandomRotFlip always flips after rotating: the 4 reflections of the square, never
     # the identity
     assert len(seen) == 4 and (0.0, 16.0, 512.0, 528.0) not in seen
+
+
+def test_sampler_pads_as_the_official_random_crop():
+    # official RandomCrop: a side <= the patch's -> every side gets max((patch - s) // 2 + 3, 0)
+    # zeros at both ends. Patch (32, 32, 48), x/y padded to 32 (rotation), volume (40, 30, 44):
+    # x: max(-4 + 3, 0) = 0, y: 1 + 3 = 4, z: 2 + 3 = 5  ->  (40, 38, 54)
+    g = torch.Generator().manual_seed(4)
+    image = np.ones((40, 30, 44), np.float32)
+    s = bm.VolumeSampler([image], [image.astype(np.uint8)], (32, 32, 48), "cpu", g)
+    assert s.images[0].shape == (40, 38, 54) and s.labels[0].shape == (40, 38, 54)
+    assert bm.VolumeSampler([image], [image.astype(np.uint8)], (32, 32, 48), "cpu", g,
+                            margin=0).images[0].shape == (40, 32, 48)  # just enough
+    # the 44 slices (at 5 .. 48 of 54) move in the 48 of the crop: its corner c = 0 .. 6 puts
+    # the first one at max(5 - c, 0) = 5 .. 0
+    firsts = set()
+    for _ in range(200):
+        x, y = s.batch([0])
+        z = torch.nonzero(x[0, 0].sum((0, 1)))[:, 0]
+        firsts.add(int(z.min()))
+        assert torch.equal(y[0].float(), x[0, 0])
+    assert firsts == {0, 1, 2, 3, 4, 5}
+    big = np.ones((80, 80, 60), np.float32)  # no side <= the patch: no padding (official)
+    assert bm.VolumeSampler([big], [big.astype(np.uint8)], (32, 32, 48), "cpu",
+                            g).images[0].shape == (80, 80, 60)
