@@ -336,12 +336,13 @@ class VolumeSampler:
         self.patch, self.g, self.queue = tuple(patch), generator, []
         margin = (3 if len(patch) == 3 else 0) if margin is None else margin
         side = max(patch[:2])  # a rotation swaps x and y: pad both to the larger side
-        self.images, self.labels = [], []
+        target, self.images, self.labels = (side, side, *patch[2:]), [], []
         for im, lb in zip(images, labels):
-            target = (side, side, *patch[2:])
-            pad = [(n // 2, n - n // 2) for n in (max(t - s, 0) for t, s in zip(target, im.shape))]
-            if margin and any(s <= t for s, t in zip(im.shape, target)):
+            if margin and any(s <= t for s, t in zip(im.shape, target)):  # official RandomCrop
                 pad = [(max((t - s) // 2 + margin, 0),) * 2 for t, s in zip(target, im.shape)]
+            else:  # just enough for the crop
+                pad = [((t - s) // 2, t - s - (t - s) // 2) if s < t else (0, 0)
+                       for t, s in zip(target, im.shape)]
             self.images.append(torch.from_numpy(np.pad(im, pad)).to(device))
             self.labels.append(torch.from_numpy(np.pad(lb, pad)).to(device))
 
