@@ -361,10 +361,9 @@ class VolumeSampler:
 
     def batch(self, indices):
         """-> images (B, 1, *patch) float, labels (B, *patch) long."""
-        pairs = [self.sample(i) for i in indices]
-        x = torch.stack([p[0] for p in pairs])[:, None]
-        x = x.contiguous(memory_format=MEMORY_FORMAT[x.ndim - 2])
-        return x, torch.stack([p[1] for p in pairs]).long()
+        images, labels = zip(*[self.sample(i) for i in indices])
+        x = torch.stack(images)[:, None].contiguous(memory_format=MEMORY_FORMAT[len(self.patch)])
+        return x, torch.stack(labels).long()
 
     def draw(self, n):
         """n case indices, each pass over the cases in a fresh random order (an epoch)."""
@@ -405,6 +404,8 @@ class Config:
     eval_split: str = _f("test", "list scored after training and by --eval: NAME.list")
     eval_stride: tuple = _f((16, 16, 16), "sliding-window stride X Y Z at evaluation")
     eval_lcc: bool = _f(True, "keep the largest component of the prediction (official)")
+    eval_model: str = _f("student", "weights scored at the end, by --eval and --predict: the "
+                         "student (official) or its EMA teacher", ["student", "teacher"])
     device: str = _f("auto", "auto (cuda, mps, then cpu) | cpu | cuda | mps")
     amp: str = _f("auto", "bf16 on CUDA (fp16 on older GPUs) and AMX CPUs", ["auto", "on", "off"])
     out: str = _f("runs/sample", "run folder: config, log, checkpoints, metrics")
@@ -427,7 +428,7 @@ PRESETS = {
                      lr_step=10**9, eval_lcc=False, eval_split="val", out="runs/ACDC_cpu"),
 }  # LA_half: LA at half resolution (get_data.py), sized for a CPU. ACDC: lr never decays
 RUNTIME = {"root", "out", "device", "amp", "log_every", "ckpt_every", "eval_split",
-           "eval_stride", "eval_lcc"}  # what --resume and --eval may change
+           "eval_stride", "eval_lcc", "eval_model"}  # what --resume and --eval may change
 
 def make_config(preset="sample", **overrides):
     merged = {**PRESETS[preset], **overrides, "data": preset}
@@ -857,24 +858,14 @@ def main(argv=None):
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()
              if k not in ("data", "resume", "eval", "predict", "ckpt") and v is not None}
     try:
-        cfg, state = make_config(args.data or "sample", **given), None
+        cfg, state, extra = make_config(args.data or "sample", **given), None, {}
         if args.eval or args.predict:  # writes beside the checkpoint, never over the run's own
             if args.predict and not args.ckpt:
                 raise UserError("--predict needs --ckpt CKPT (a checkpoint of a training run)")
-            ckpt = args.eval or args.ckpt
+            ckpt, kind = args.eval or args.ckpt, "predict" if args.predict else "eval"
             state = load_checkpoint(ckpt)
-            kind = "predict" if args.predict else "eval"
             cfg = config_from_checkpoint(state, {
                 "out": str(Path(ckpt).parent / f"{kind}_{Path(ckpt).stem}"), **given})
-            rank, world = dist_setup(cfg) if args.predict else (0, 1)  # torchrun: share scans
-            model = make_model(cfg, pick_device(cfg.device))
-            model.load_state_dict(state["model"])
-            if args.predict:
-                failed = predict(model, cfg, args.predict, cfg.out, rank, world)
-                if rank == 0:
-                    print(f"masks and volumes.csv in {cfg.out}; {len(failed)} scans failed")
-                return 1 if failed else 0
-            metrics = evaluate(model, cfg, out=cfg.out)
         else:
             if args.resume:
                 cfg, state = resume_run(cfg.out, given)
@@ -882,17 +873,27 @@ def main(argv=None):
                 import get_data  # the default root is missing: fetch it (helper beside us)
                 get_data.prepare(cfg.data, cfg.root)
             t0 = time.time()
-            run = train(cfg, state)
-            if run.rank:
+            if train(cfg, state).rank:
                 return 0  # under torchrun the first process evaluates
-            metrics = {**evaluate(run.model, cfg), "train_seconds": round(time.time() - t0, 1)}
-            (Path(cfg.out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            extra = {"train_seconds": round(time.time() - t0, 1)}
+            state = load_checkpoint(Path(cfg.out) / "final.pt")  # scored as --eval scores it
+        rank, world = dist_setup(cfg) if args.predict else (0, 1)  # torchrun: share scans
+        model = make_model(cfg, pick_device(cfg.device))
+        use = "teacher" if cfg.eval_model == "teacher" and state["teacher"] else "student"
+        model.load_state_dict(state[{"student": "model", "teacher": "teacher"}[use]])
+        if args.predict:
+            failed = predict(model, cfg, args.predict, cfg.out, rank, world)
+            if rank == 0:
+                print(f"masks and volumes.csv in {cfg.out}; {len(failed)} scans failed")
+            return 1 if failed else 0
+        metrics = {**evaluate(model, cfg, out=cfg.out), **extra, "scored": use}  # + time, who
+        (Path(cfg.out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{cfg.method} on {cfg.root}, {len(metrics['cases'])} {cfg.eval_split} cases: Dice "
-          f"{metrics['dice']:.4f}  Jaccard {metrics['jaccard']:.4f}  95HD {metrics['hd95']:.2f}"
-          f"  ASD {metrics['asd']:.2f}  -> {Path(cfg.out) / 'metrics.json'}")
+    print(f"{cfg.method} ({use}) on {cfg.root}, {len(metrics['cases'])} {cfg.eval_split} cases: "
+          f"Dice {metrics['dice']:.4f}  Jaccard {metrics['jaccard']:.4f}  95HD "
+          f"{metrics['hd95']:.2f}  ASD {metrics['asd']:.2f}  -> {Path(cfg.out) / 'metrics.json'}")
     return 0
 
 if __name__ == "__main__":

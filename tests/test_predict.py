@@ -5,6 +5,7 @@ import json
 import h5py
 import numpy as np
 import pytest
+import torch
 from conftest import tiny_cfg
 
 import bcp_minimal as bm
@@ -80,3 +81,36 @@ def test_predict_bad_scans_are_named_and_the_rest_written(capsys, tiny_data, tra
 def test_predict_needs_a_checkpoint(capsys, tmp_path):
     assert bm.main(["--predict", str(tmp_path)]) == 2
     assert "--predict needs --ckpt" in capsys.readouterr().err
+
+
+def test_eval_model_picks_the_weights_scored_and_predicted(capsys, monkeypatch, tiny_data, trained, tmp_path):
+    """--eval-model: the student ("model", official) by default, the EMA teacher on request, the
+    student where a checkpoint has no teacher (pretrain.pt); metrics.json and stdout say which."""
+    seen = []
+    real_evaluate, real_predict = bm.evaluate, bm.predict
+    monkeypatch.setattr(bm, "evaluate", lambda m, *a, **k: seen.append(m.state_dict()) or real_evaluate(m, *a, **k))
+    monkeypatch.setattr(bm, "predict", lambda m, *a, **k: seen.append(m.state_dict()) or real_predict(m, *a, **k))
+    state = bm.load_checkpoint(trained)
+    assert any(not torch.equal(state["model"][k], state["teacher"][k]) for k in state["model"])
+
+    def same(sd, ref):
+        return all(torch.equal(sd[k].cpu(), ref[k]) for k in ref)
+
+    for flags, key in [([], "model"), (["--eval-model", "teacher"], "teacher"),
+                       (["--eval-model", "student"], "model")]:
+        out = tmp_path / f"e{len(seen)}"
+        assert bm.main(["--eval", str(trained), "--out", str(out), *flags]) == 0
+        assert same(seen[-1], state[key])
+        scored = json.loads((out / "metrics.json").read_text())["scored"]
+        assert scored == {"model": "student", "teacher": "teacher"}[key]
+        assert f"({scored})" in capsys.readouterr().out
+    _nifti(tiny_data, tmp_path / "in", (tiny_data / "test.list").read_text().split()[0])
+    assert bm.main(["--predict", str(tmp_path / "in"), "--ckpt", str(trained), "--out",
+                    str(tmp_path / "p"), "--eval-model", "teacher"]) == 0
+    assert same(seen[-1], state["teacher"])
+    pre = bm.load_checkpoint(trained.parent / "pretrain.pt")
+    assert pre["teacher"] is None
+    assert bm.main(["--eval", str(trained.parent / "pretrain.pt"), "--out", str(tmp_path / "pre"),
+                    "--eval-model", "teacher"]) == 0
+    assert same(seen[-1], pre["model"])
+    assert json.loads((tmp_path / "pre" / "metrics.json").read_text())["scored"] == "student"
