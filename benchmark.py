@@ -294,10 +294,11 @@ def side_by_side(a):
         t_self = float(log[-1]["seconds"]) - t_pre
         final = bm.load_checkpoint(out / "final.pt")
         trained = bm.config_from_checkpoint(final, {})  # its width, dropout: the nets to score
-        for key, name in (("model", "bcp_minimal (U-Net)"), ("teacher", "its EMA teacher")):
-            model = bm.make_model(trained)
-            model.load_state_dict(final[key])  # the student is what is scored, as official;
-            rows.append((name, t_pre, t_self, wall, model))  # the teacher: for reference
+        kept = {"student": "model", "teacher": "teacher"}[trained.eval_model]  # what the run
+        for key, name in (("model", "bcp_minimal student"), ("teacher", "its EMA teacher")):
+            model = bm.make_model(trained)  # scores and predicts with (--eval-model): marked *
+            model.load_state_dict(final[key])
+            rows.append((name + " *" * (key == kept), t_pre, t_self, wall, model))
     amp = bm.amp_setup("auto", torch.device("cpu"))[0] is not contextlib.nullcontext
     print(f"\n{a.labeled} labeled, {a.pretrain_iters} + {a.selftrain_iters} iterations, patch "
           f"{a.patch}, {a.threads} threads, {platform.processor() or 'cpu'}; official fp32, "
@@ -313,6 +314,7 @@ def side_by_side(a):
               f"{m['test']['dice']:.4f} | {m['test']['hd95']:.2f} |")
         result.append({"run": name, "pretrain_s": tp, "selftrain_s": ts, "wall_s": wall,
                        **{f"{s}_{k}": m[s][k] for s in m for k in ("dice", "jaccard", "hd95", "asd")}})
+    print("\n* the weights bcp_minimal scores after training and --predict uses (--eval-model)")
     (work / "side_by_side.json").write_text(json.dumps(result, indent=2))
     print(f"\nall files in {work}")
     return result
