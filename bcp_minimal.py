@@ -419,7 +419,7 @@ PRESETS = {
                log_every=50, ckpt_every=500),
     "LA_half": dict(root="data/LA_half", labeled=4, pretrain_iters=1200, selftrain_iters=2400,
                     patch=(64, 64, 48), width=16, dropout=0.5, eval_stride=(9, 9, 2),
-                    out="runs/LA_half"),
+                    lr_step=2000, out="runs/LA_half"),  # lr x0.1 for the last 400 (README)
     "ACDC": dict(root="data/ACDC", labeled=3, num_classes=4, pretrain_iters=10000,  # official
                  selftrain_iters=30000, patch=(256, 256), batch_size=24, width=16,  # script
                  lr_step=10**9, eval_lcc=False, eval_split="test", out="runs/ACDC"),

@@ -331,3 +331,11 @@ def test_stage_lr_is_the_official_schedule():
     assert bm.stage_lr(cfg, "selftrain", 2501) == pytest.approx(0.001)
     assert bm.stage_lr(cfg, "selftrain", 5001) == pytest.approx(0.0001)
     assert bm.stage_lr(cfg, "pretrain", 5001) == pytest.approx(0.01)  # official pre-training never decays
+
+
+def test_la_half_preset_decays_the_lr_for_the_last_400_self_training_iterations():
+    cfg = bm.make_config("LA_half")  # README, Speed: x0.1 after 2 000 of its 2 400
+    lrs = [bm.stage_lr(cfg, "selftrain", it) for it in range(1, cfg.selftrain_iters + 1)]
+    assert lrs[:2000] == pytest.approx([0.01] * 2000)
+    assert lrs[2000:] == pytest.approx([0.001] * 400)
+    assert bm.stage_lr(cfg, "pretrain", cfg.pretrain_iters) == pytest.approx(0.01)
