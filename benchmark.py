@@ -8,13 +8,14 @@ self-training iteration spends its time, sliding-window evaluation, and the metr
     python benchmark.py --official ../BCP --root ../shared/data/LA_half   # side by side, below
 
 Side by side (--official DIR, a checkout of github.com/DeepMed-Lab-ECNU/BCP kept outside this
-project): on the same machine, one after the other, the official LA script and bcp_minimal train
-with the same data, labeled cases, crop and budget, and both final models are scored by the same
-evaluation (bm.evaluate: sliding windows, largest component, medpy-equal metrics) on the same
-held-out cases: a validation split (the last --val cases of train.list, which neither trains on)
-and the data's test.list. The official code is copied to a work folder and patched only where a
-CPU and this comparison need it (printed, see OFFICIAL_PATCHES); it needs
-`pip install scikit-image tensorboardX pyyaml` (torchvision is replaced by a 5-line Compose).
+project): on the same machine and --device (auto: CUDA if there is one, else CPU, where the
+official code's .cuda() calls become no-ops), one after the other, the official LA script and
+bcp_minimal train with the same data, labeled cases, crop and budget; both final models are scored
+by the same evaluation (bm.evaluate: sliding windows, largest component, medpy-equal metrics) on
+the same held-out cases: a validation split (the last --val cases of train.list, which neither
+trains on) and the data's test.list. The official code is copied to a work folder and patched only
+where a CPU and this comparison need it (printed, see OFFICIAL_PATCHES); it needs `pip install
+scikit-image tensorboardX pyyaml` (torchvision is replaced by a 5-line Compose).
 
 Step times are medians over --iters iterations after --warmup, of bm.train_step itself (the
 function the training loop calls). The parts of a self-training iteration (teacher forward,
@@ -162,9 +163,12 @@ OFFICIAL_PATCHES = [  # (file, old, new, why): the only changes made to the offi
      "np.random.randint(0, img_y - patch_pixel_y)", "mask corner from the crop, not 112"),
     ("utils/BCP_utils.py", "np.random.randint(0, 80 - patch_pixel_z)",
      "np.random.randint(0, img_z - patch_pixel_z)", "mask corner from the crop, not 80"),
-    ("LA_BCP_train.py", "num_workers=4, pin_memory=True", "num_workers=0, pin_memory=False",
-     "CPU: with 4 labeled cases an epoch is one batch, so 4 loader processes were started anew "
-     "every iteration (2 s/it of process start-up on 2 cores); load in the main process"),
+    ("LA_BCP_train.py", "num_workers=4, pin_memory=True",
+     "num_workers=4 * (os.environ['BCP_DEVICE'] == 'cuda'), "
+     "pin_memory=os.environ['BCP_DEVICE'] == 'cuda'",
+     "CPU only (CUDA keeps 4 workers): with 4 labeled cases an epoch is one batch, so 4 loader "
+     "processes were started anew every iteration (2 s/it of process start-up on 2 cores); load "
+     "in the main process"),
     ("LA_BCP_train.py", "if iter_num % 200 == 0:",
      "if iter_num % 200 == 0 or iter_num in (pre_max_iterations, self_max_iterations):",
      "a checkpoint at the end of each stage also for budgets that are not multiples of 200"),
@@ -173,8 +177,9 @@ OFFICIAL_PATCHES = [  # (file, old, new, why): the only changes made to the offi
 DRIVER = """
 import itertools, json, logging, os, runpy, sys, time, types
 import torch, torch.nn as nn
-torch.Tensor.cuda = lambda self, *a, **k: self  # CPU: .cuda() is a no-op
-nn.Module.cuda = lambda self, *a, **k: self
+if os.environ.get("BCP_DEVICE") != "cuda":  # CPU: .cuda() is a no-op
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    nn.Module.cuda = lambda self, *a, **k: self
 class Compose:  # all the official script takes from torchvision
     def __init__(self, fs): self.fs = fs
     def __call__(self, x):
@@ -252,10 +257,14 @@ def side_by_side(a):
     """Train the official code and bcp_minimal one after the other; score both the same way."""
     work = Path(a.work or tempfile.mkdtemp(prefix="bcp_side_by_side_"))
     root, n_train = split_root(a.root, work / "data", a.val)
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "BCP_PATCH": ",".join(map(str, a.patch))}
+    device = bm.pick_device(a.device)  # both train and are scored on it (official: CUDA or CPU)
+    if device.type == "mps" and a.official:
+        raise SystemExit("the official code runs on CUDA or CPU only: use --device cpu")
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "BCP_DEVICE": device.type,
+           "BCP_PATCH": ",".join(map(str, a.patch))}
     cfg = bm.make_config("LA_half", root=str(root), labeled=a.labeled, patch=tuple(a.patch),
                          pretrain_iters=a.pretrain_iters, selftrain_iters=a.selftrain_iters,
-                         eval_stride=tuple(a.eval_stride), device="cpu", seed=a.seed)
+                         eval_stride=tuple(a.eval_stride), device=str(device), seed=a.seed)
     rows = []
     code = work / "official"
 
@@ -277,14 +286,14 @@ def side_by_side(a):
 
         net = VNet(n_channels=1, n_classes=2, normalization="batchnorm", has_dropout=False)
         net.load_state_dict(torch.load(code / "model/self_train/VNet_best_model.pth",
-                                       map_location="cpu"))
+                                       map_location=device))
         rows.append(("official BCP (VNet)", times["pretrain_s"], times["selftrain_s"], wall,
-                     _Logits(net)))
+                     _Logits(net).to(device)))
     out = work / "bcp_minimal"
     flags = ["--data", "LA_half", "--root", str(root), "--labeled", str(a.labeled), "--patch",
              *map(str, a.patch), "--pretrain-iters", str(a.pretrain_iters), "--selftrain-iters",
              str(a.selftrain_iters), "--eval-stride", *map(str, a.eval_stride), "--seed",
-             str(a.seed), "--device", "cpu", "--eval-split", "val", "--out", str(out)]
+             str(a.seed), "--device", device.type, "--eval-split", "val", "--out", str(out)]
     wall = run_once(out, lambda: subprocess.run(
         [sys.executable, str(Path(__file__).parent / "bcp_minimal.py"), *flags], env=env,
         check=True), a.only != "official")
@@ -296,13 +305,17 @@ def side_by_side(a):
         trained = bm.config_from_checkpoint(final, {})  # its width, dropout: the nets to score
         kept = {"student": "model", "teacher": "teacher"}[trained.eval_model]  # what the run
         for key, name in (("model", "bcp_minimal student"), ("teacher", "its EMA teacher")):
-            model = bm.make_model(trained)  # scores and predicts with (--eval-model): marked *
+            model = bm.make_model(trained).to(device)  # scores, predicts with (--eval-model): *
             model.load_state_dict(final[key])
             rows.append((name + " *" * (key == kept), t_pre, t_self, wall, model))
-    amp = bm.amp_setup("auto", torch.device("cpu"))[0] is not contextlib.nullcontext
+    amp = bm.amp_setup("auto", device)[0] is not contextlib.nullcontext
+    prec = ("fp32" if not amp else "bf16 (AMX)" if device.type == "cpu"
+            else "bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    where = (torch.cuda.get_device_name() if device.type == "cuda" else
+             f"{a.threads} threads, {platform.processor() or 'cpu'}")
     print(f"\n{a.labeled} labeled, {a.pretrain_iters} + {a.selftrain_iters} iterations, patch "
-          f"{a.patch}, {a.threads} threads, {platform.processor() or 'cpu'}; official fp32, "
-          f"bcp_minimal {'bf16 (AMX)' if amp else 'fp32'}; held-out: {a.val} validation cases "
+          f"{a.patch}, {where}; official fp32, "
+          f"bcp_minimal {prec}; held-out: {a.val} validation cases "
           f"(end of train.list) and test.list; the same fp32 evaluation for both\n")
     print("| run | s/it pre-train | s/it self-train | wall (min) | val Dice | val 95HD "
           "| test Dice | test 95HD |\n|---|---|---|---|---|---|---|---|")

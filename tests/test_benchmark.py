@@ -1,7 +1,11 @@
 """benchmark.py runs end to end on a tiny config and times the real training step (its numbers
 are not asserted: timings belong in the script's output, not in tests)."""
 import json
+import os
+import subprocess
+import sys
 
+import torch
 from conftest import ROOT
 
 import bcp_minimal as bm
@@ -42,3 +46,31 @@ def test_side_by_side_split_and_official_patches(tiny_data, tmp_path):
         text = (tmp_path / "work" / rel).read_text()
         assert new in text
     assert (tmp_path / "work" / "driver.py").exists()
+
+
+def test_driver_makes_cuda_a_no_op_only_off_cuda():
+    """The official script calls .cuda() everywhere: with BCP_DEVICE=cpu the driver makes it a
+    no-op; with BCP_DEVICE=cuda it is left alone (so on a machine without CUDA it must fail)."""
+    code = benchmark.DRIVER.split("class Compose")[0] + "print(torch.zeros(1).cuda().device.type)"
+
+    def run(device):
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**os.environ, "BCP_DEVICE": device})
+    assert run("cpu").stdout.split() == ["cpu"]
+    if not torch.cuda.is_available():
+        assert run("cuda").returncode != 0
+
+
+def test_side_by_side_trains_and_scores_bcp_minimal(tiny_data, tmp_path):
+    """The side-by-side mode without --official: bcp_minimal trains through its command line on
+    the split, then student and teacher are scored on the held-out lists; a second call reuses
+    the finished run instead of training again."""
+    argv = ["--side-by-side", "--root", str(tiny_data), "--work", str(tmp_path / "w"), "--val", "2",
+            "--labeled", "2", "--pretrain-iters", "2", "--selftrain-iters", "2", "--patch", "16",
+            "16", "16", "--eval-stride", "8", "8", "8", "--device", "cpu", "--threads", "1"]
+    res = benchmark.main(argv)
+    assert [r["run"] for r in res] == ["bcp_minimal student *", "its EMA teacher"]
+    assert all(0 <= r[f"{s}_dice"] <= 1 for r in res for s in ("val", "test"))
+    log = (tmp_path / "w" / "bcp_minimal" / "log.csv").read_text()
+    assert benchmark.main(argv)[0]["wall_s"] == res[0]["wall_s"]  # reused, not retrained
+    assert (tmp_path / "w" / "bcp_minimal" / "log.csv").read_text() == log
