@@ -326,7 +326,8 @@ def side_by_side(a):
               f"{wall / 60:.1f} | {m['val']['dice']:.4f} | {m['val']['hd95']:.2f} | "
               f"{m['test']['dice']:.4f} | {m['test']['hd95']:.2f} |")
         result.append({"run": name, "pretrain_s": tp, "selftrain_s": ts, "wall_s": wall,
-                       **{f"{s}_{k}": m[s][k] for s in m for k in ("dice", "jaccard", "hd95", "asd")}})
+                       **{f"{s}_{k}": m[s][k] for s in m for k in ("dice", "jaccard", "hd95", "asd")},
+                       **{f"{s}_cases": m[s]["cases"] for s in m}})  # per case, for a closer look
     print("\n* the weights bcp_minimal scores after training and --predict uses (--eval-model)")
     (work / "side_by_side.json").write_text(json.dumps(result, indent=2))
     print(f"\nall files in {work}")

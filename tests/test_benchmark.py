@@ -71,6 +71,7 @@ def test_side_by_side_trains_and_scores_bcp_minimal(tiny_data, tmp_path):
     res = benchmark.main(argv)
     assert [r["run"] for r in res] == ["bcp_minimal student *", "its EMA teacher"]
     assert all(0 <= r[f"{s}_dice"] <= 1 for r in res for s in ("val", "test"))
+    assert [c["case"] for c in res[0]["val_cases"]] == (tiny_data / "train.list").read_text().split()[-2:]
     log = (tmp_path / "w" / "bcp_minimal" / "log.csv").read_text()
     assert benchmark.main(argv)[0]["wall_s"] == res[0]["wall_s"]  # reused, not retrained
     assert (tmp_path / "w" / "bcp_minimal" / "log.csv").read_text() == log
