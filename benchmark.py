@@ -308,15 +308,15 @@ def side_by_side(a):
             model = bm.make_model(trained).to(device)  # scores, predicts with (--eval-model): *
             model.load_state_dict(final[key])
             rows.append((name + " *" * (key == kept), t_pre, t_self, wall, model))
-    amp = bm.amp_setup("auto", device)[0] is not contextlib.nullcontext
-    prec = ("fp32" if not amp else "bf16 (AMX)" if device.type == "cpu"
-            else "bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    ctx = bm.amp_setup("auto", device)[0]()  # bcp_minimal's own choice of precision
+    prec = ("fp32" if isinstance(ctx, contextlib.nullcontext) else
+            {torch.bfloat16: "bf16", torch.float16: "fp16"}[ctx.fast_dtype]
+            + " (AMX)" * (device.type == "cpu"))
     where = (torch.cuda.get_device_name() if device.type == "cuda" else
              f"{a.threads} threads, {platform.processor() or 'cpu'}")
     print(f"\n{a.labeled} labeled, {a.pretrain_iters} + {a.selftrain_iters} iterations, patch "
-          f"{a.patch}, {where}; official fp32, "
-          f"bcp_minimal {prec}; held-out: {a.val} validation cases "
-          f"(end of train.list) and test.list; the same fp32 evaluation for both\n")
+          f"{a.patch}, {where}; official fp32, bcp_minimal {prec}; held-out: {a.val} validation "
+          f"cases (end of train.list) and test.list; the same fp32 evaluation for both\n")
     print("| run | s/it pre-train | s/it self-train | wall (min) | val Dice | val 95HD "
           "| test Dice | test 95HD |\n|---|---|---|---|---|---|---|---|")
     result = []
