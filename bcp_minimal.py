@@ -1,7 +1,8 @@
 """bcp_minimal: Bidirectional Copy-Paste (BCP) for semi-supervised segmentation, LA 3-D, ACDC 2-D.
 
-Bai, Chen, Li, Ma, Shen, "Bidirectional Copy-Paste for Semi-Supervised Medical Image
-Segmentation", CVPR 2023 (arXiv 2305.00673). Official code: github.com/DeepMed-Lab-ECNU/BCP.
+Yunhao Bai, Duowen Chen, Qingli Li, Wei Shen, Yan Wang, "Bidirectional Copy-Paste for
+Semi-Supervised Medical Image Segmentation", CVPR 2023 (arXiv 2305.00673). Official code:
+github.com/DeepMed-Lab-ECNU/BCP (one script per data set: LA_BCP_train.py, ACDC_BCP_train.py).
 
 A Mean-Teacher (an EMA of the student) predicts pseudo-labels P_u for unlabeled scans. A mask
 M (0 in a box covering beta = 2/3 of each axis, 1 elsewhere) copy-pastes a labeled scan X_l
@@ -46,8 +47,12 @@ class ConvBlock(nn.Sequential):  # (conv 3^d -> BatchNorm -> ReLU) x 2
 
 class UNet(nn.Module):
     """U-Net, 4 poolings, widths w..16w: (B, C, *S) -> logits (B, K, *S); each side of S must
-    divide by 16. Deviation: official LA uses a V-Net; `dropout` puts its channel dropout (p 0.5)
-    on the same two places, the bottleneck and the last features (in train mode only)."""
+    divide by 16. Deviations: official LA uses a V-Net; `dropout` puts its channel dropout (p 0.5)
+    on the same two places, the bottleneck and the last features (in train mode only). Official
+    ACDC uses UNet_2d: the same 4 levels (width 16) with LeakyReLU, bilinear upsampling instead
+    of transposed convolutions, and dropout 0.05/0.1/0.2/0.3/0.5 inside the 5 encoder blocks,
+    so its train-mode teacher is dropout-noisy; the ACDC presets here use ReLU, transposed
+    convolutions and no dropout (`--dropout 0.5` measured on ACDC_cpu: docs/choices.md)."""
 
     def __init__(self, in_channels=1, num_classes=2, width=16, dims=3, dropout=0.0):
         super().__init__()
@@ -150,7 +155,9 @@ def seg_loss(logits, target):
 @torch.no_grad()
 def ema_update(teacher, student, decay):
     """Mean-Teacher step: theta_t <- decay theta_t + (1 - decay) theta_s. BatchNorm running
-    statistics get the same average (official: parameters only; an eval-mode teacher reads them)."""
+    statistics get the same average, as official ACDC (which averages the whole state_dict);
+    official LA averages the parameters only. Only an eval-mode teacher reads these statistics
+    (--eval-model teacher): the train-mode teacher of self-training normalises by its batch."""
     t_b, s_b = list(teacher.buffers()), list(student.buffers())
     t_f = list(teacher.parameters()) + [t for t in t_b if t.is_floating_point()]
     s_f = [p.detach() for p in student.parameters()] + [
@@ -320,7 +327,9 @@ def patients_to_slices(slices, n):
     return sum(s.split("_")[0] in patients for s in slices)
 
 def resize(x, size):
-    """An image or label resized to `size`, nearest neighbour (official ACDC: zoom, order 0)."""
+    """An image or label resized to `size`, nearest neighbour. Deviation: official ACDC uses
+    scipy's zoom(order=0), whose rounding picks a neighbouring source pixel at some positions
+    where F.interpolate(mode="nearest") picks the other: same idea, not pixel for pixel."""
     return F.interpolate(x[None, None].float(), size=tuple(size), mode="nearest")[0, 0]
 
 class VolumeSampler:
@@ -328,7 +337,8 @@ class VolumeSampler:
     augmentation: a random 90-degree rotation in (x, y), a flip along x or y, a random crop.
     Padding (3-D, official RandomCrop): if a side is <= the patch's, every side gets
     max((patch - side) // 2 + 3, 0) zeros at both ends, so a crop moves up to 6 voxels even
-    along LA's 44 slices (patch 48); `margin=0` (2-D) pads just to the patch. `queue`: the rest
+    along LA_half's 44 slices (patch 48; full LA has 88 slices, patch 80); `margin=0` (2-D)
+    pads just to the patch. `queue`: the rest
     of the current pass. Deviation for ACDC: the same rotation + flip every time (official:
     rotation + flip half the time, a rotation by up to 20 degrees a quarter of it)."""
 
@@ -354,6 +364,8 @@ class VolumeSampler:
         k, flip = self.randint(4), self.randint(2)  # official RandomRotFlip
         p = self.patch
         size = (p[1], p[0], *p[2:]) if k % 2 else p  # the crop before the rotation
+        # corner uniform in [0, s - c]. Deviation: official RandomCrop draws from [0, s - c), so
+        # it never ends a crop at the far border (measured on LA_half: docs/choices.md)
         corner = [self.randint(s - c + 1) for s, c in zip(self.images[i].shape, size)]
         crop = tuple(slice(a, a + c) for a, c in zip(corner, size))
         return tuple(torch.rot90(v[crop], k, (0, 1)).flip(flip)
@@ -385,7 +397,8 @@ class Config:
     root: str = _f("data_samples", "data folder in the official LA or the ACDC (SSL4MIS) layout")
     labeled: int = _f(2, "LA: the first N cases of train.list are labeled; ACDC: the first N "
                       "patients of train_slices.list (3 -> 68 slices, 7 -> 136)")
-    method: str = _f("bcp", "or sup: labeled only, no copy-paste, same iterations", ["bcp", "sup"])
+    method: str = _f("bcp", "bcp: copy-paste pre-training, then BCP self-training; sup: the "
+                     "labeled cases only, no copy-paste, same iterations", ["bcp", "sup"])
     pretrain_iters: int = _f(200, "stage 1 iterations (labeled copy-paste)")
     selftrain_iters: int = _f(600, "stage 2 iterations (BCP self-training)")
     patch: tuple = _f((32, 32, 32), "training crop X Y Z (2-D: X Y), sides multiples of 16")
@@ -405,9 +418,12 @@ class Config:
     eval_stride: tuple = _f((16, 16, 16), "sliding-window stride X Y Z at evaluation")
     eval_lcc: bool = _f(True, "keep the largest component of the prediction (official)")
     eval_model: str = _f("student", "weights scored at the end, by --eval and --predict: the "
-                         "student (official) or its EMA teacher", ["student", "teacher"])
+                         "final student or its EMA teacher (official: the student checkpoint "
+                         "that scored best on test (LA) or val (ACDC))", ["student", "teacher"])
     device: str = _f("auto", "auto (cuda, mps, then cpu) | cpu | cuda | mps")
-    amp: str = _f("auto", "bf16 on CUDA (fp16 on older GPUs) and AMX CPUs", ["auto", "on", "off"])
+    amp: str = _f("auto", "autocast: bf16 on GPUs of compute capability >= 8.0, fp16 + "
+                  "GradScaler on older ones (T4), bf16 on CPUs with AMX; fp32 elsewhere",
+                  ["auto", "on", "off"])
     out: str = _f("runs/sample", "run folder: config, log, checkpoints, metrics")
     log_every: int = _f(20, "iterations between log lines (host syncs)")
     ckpt_every: int = _f(200, "iterations between checkpoints, a multiple of --log-every")
@@ -474,15 +490,19 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 def amp_setup(mode, device):
-    """-> (autocast, GradScaler or None). CUDA: bf16, or fp16 + scaler without bf16 (T4). CPU:
-    bf16 where "auto" finds AMX (Xeon 4th gen+: ~3x faster convolutions, README), or if "on"."""
+    """-> (autocast, GradScaler or None). CUDA: bf16 where the GPU has it natively (compute
+    capability >= 8.0: A100, H100, RTX 30xx+), else fp16 + GradScaler: a T4 (7.5) reports
+    is_bf16_supported() True but only emulates bf16 (no cuDNN bf16 convolutions, slow). CPU:
+    bf16 where "auto" finds AMX (Xeon 4th gen+: self-training steps ~1.5x faster on a 2-core
+    VM, README), or everywhere with "on"."""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     if mode == "off" or device.type == "mps" or (mode == "auto" and device.type == "cpu"
                                                   and not amx):
         return contextlib.nullcontext, None
     if device.type == "cpu":
         return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)), None
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
+    dtype = torch.bfloat16 if native_bf16 and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
 
@@ -581,8 +601,10 @@ LOG_FIELDS = ["stage", "iter", "lr", "loss", "loss_in", "loss_out", "seconds"]
 
 def train(cfg, state=None, progress=True, on_log=None):
     """Train per cfg into cfg.out -> the Run; `state`: a checkpoint to resume (resume_run).
-    bcp: "pretrain", then "selftrain" (teacher = the pre-trained student, a new optimizer, as
-    official); sup: one stage "sup". on_log(stage, it, run, rows) runs after each log flush."""
+    bcp: "pretrain", then "selftrain" (teacher = the pre-trained student; a new optimizer, as
+    official LA. Deviation for ACDC: its official script restores the pre-training optimizer,
+    momentum included; measured: docs/choices.md); sup: one stage "sup".
+    on_log(stage, it, run, rows) runs after each log flush."""
     from tqdm.auto import tqdm
     run, out, t0 = make_run(cfg), Path(cfg.out), time.time()  # seconds: since this process began
     lead = run.rank == 0  # under torchrun only the first process writes files
@@ -686,7 +708,8 @@ def sliding_window_predict(model, image, patch, stride, batch=4):
     return (probs / count)[(slice(None), *(slice(p // 2, p // 2 + s) for p, s in zip(pads, S)))]
 
 def dice(pred, gt, spacing=None):
-    """2|P & G| / (|P| + |G|); both empty: 1.0 (nothing to find, none found; medpy's dc: nan)."""
+    """2|P & G| / (|P| + |G|); both empty: 1.0 (nothing to find, none found; medpy's dc gives
+    nan or 0 there, depending on its and NumPy's versions)."""
     pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
     denom = pred.sum() + gt.sum()
     return float(2 * (pred & gt).sum() / denom) if denom else 1.0
@@ -842,18 +865,32 @@ def _bool(s):
         raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
     return s.lower() in ("1", "true", "yes", "on")
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Bidirectional Copy-Paste (CVPR 2023), "
-                                "semi-supervised 3-D segmentation. Presets: " + json.dumps(PRESETS))
+def make_parser(data="sample"):
+    """The command line: a flag per Config field, each help line ending in the default that
+    preset `data` gives it (flags left out stay None, so given ones can be told apart)."""
+    base = make_config(data)
+    p = argparse.ArgumentParser(description="Bidirectional Copy-Paste (BCP, CVPR 2023): "
+                                "semi-supervised segmentation of 3-D volumes (LA) and 2-D slices "
+                                f"(ACDC). Defaults shown are those of --data {data}; "
+                                "`--data NAME --help` shows another preset's.")
     for f in dataclasses.fields(Config):
         kw = (dict(type=int, nargs="+", metavar="N") if isinstance(f.default, tuple)
               else {"type": _bool if isinstance(f.default, bool) else type(f.default)})
-        p.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"],
-                       choices=f.metadata["choices"], **kw)
+        d = getattr(base, f.name)
+        shown = " ".join(map(str, d)) if isinstance(d, tuple) else f"{d:.4g}" if isinstance(
+            d, float) else d
+        p.add_argument("--" + f.name.replace("_", "-"), help=f"{f.metadata['help']} "
+                       f"[default: {shown}]", choices=f.metadata["choices"], **kw)
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--eval", metavar="CKPT", help="score a checkpoint on --eval-split, no training")
     p.add_argument("--predict", metavar="IN", help="segment a NIfTI/h5 file or folder (--ckpt)")
     p.add_argument("--ckpt", help="the checkpoint --predict uses")
+    return p
+
+def main(argv=None):
+    first = argparse.ArgumentParser(add_help=False)  # --data first: it sets the defaults shown
+    first.add_argument("--data", choices=list(PRESETS))
+    p = make_parser(first.parse_known_args(argv)[0].data or "sample")
     args = p.parse_args(argv)
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()
              if k not in ("data", "resume", "eval", "predict", "ckpt") and v is not None}

@@ -213,3 +213,21 @@ def test_help_explains_every_flag(capsys):
         assert flag in out and f.metadata["help"].split()[0] in out
     for flag in ("--resume", "--eval"):
         assert flag in out
+    assert "2-D" in out and "3-D" in out
+
+
+@pytest.mark.parametrize("data", ["sample", "LA_half", "ACDC_cpu"])
+def test_help_shows_each_flags_default_for_the_chosen_preset(capsys, data):
+    """`--data NAME --help`: every flag's help ends in that preset's default, not the dict."""
+    import re
+    with pytest.raises(SystemExit):
+        bm.main(["--data", data, "--help"])
+    out = capsys.readouterr().out
+    entries = {e.split()[0]: " ".join(e.split()) for e in out.split("\n  --")[1:]}  # flag -> help
+    cfg = bm.make_config(data)
+    for flag, want in [("patch", " ".join(map(str, cfg.patch))), ("root", cfg.root),
+                       ("pretrain-iters", str(cfg.pretrain_iters)), ("lr-step", str(cfg.lr_step)),
+                       ("dropout", f"{cfg.dropout:.4g}"), ("eval-split", cfg.eval_split)]:
+        assert entries[flag].endswith(f"[default: {want}]"), (flag, entries[flag], want)
+    assert sum("[default: " in e for e in entries.values()) == len(bm.dataclasses.fields(bm.Config))
+    assert "'pretrain_iters'" not in out  # not the PRESETS dict

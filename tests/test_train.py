@@ -183,3 +183,24 @@ def test_bf16_step_keeps_fp32_weights_and_a_finite_loss(tiny_data, tmp_path):
     assert terms["loss"].dtype == torch.float32 and torch.isfinite(terms["loss"])
     assert all(p.dtype == torch.float32 for p in [*run.model.parameters(), *run.teacher.parameters()])
     assert any(not torch.equal(a, b) for a, b in zip(before, run.model.parameters()))
+
+
+@pytest.mark.parametrize("capability, bf16_reported, want", [
+    ((9, 0), True, torch.bfloat16),   # H100/H200: native bf16, no scaler
+    ((8, 0), True, torch.bfloat16),   # A100
+    ((7, 5), True, torch.float16),    # T4: is_bf16_supported() says True (emulation) -> fp16
+    ((7, 0), False, torch.float16),   # V100
+])
+def test_amp_on_cuda_is_bf16_only_where_the_gpu_has_it_natively(monkeypatch, capability, bf16_reported, want):
+    """CUDA, --amp auto: bf16 without a scaler on compute capability >= 8.0; fp16 with a
+    GradScaler below, even where torch reports bf16 as supported (a T4 only emulates it)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_reported)
+    import warnings
+    with warnings.catch_warnings():  # without CUDA here, autocast and scaler warn and disable
+        warnings.simplefilter("ignore")
+        autocast, scaler = bm.amp_setup("auto", torch.device("cuda"))
+        ctx = autocast()
+    assert ctx.fast_dtype == want
+    assert (scaler is not None) == (want == torch.float16)
+    assert isinstance(scaler, torch.amp.GradScaler) or scaler is None
