@@ -208,7 +208,7 @@ def selftrain_batch(lab, unl, teacher, cfg, g):
     """Stage 2: teacher pseudo-labels, then both mixes -> x_in, x_out (h, 1, *P), their labels
     y_in, y_out (h, *P), M, and the parts the loss reads: y_a, p_a (X_in), p_b, y_b (X_out)."""
     x, y = lab.batch(lab.draw(cfg.batch_size // 2))  # labeled (2h, 1, *P), (2h, *P)
-    u, _ = unl.batch(unl.draw(cfg.batch_size // 2))  # unlabeled: its labels are dropped here
+    u, _ = unl.batch(unl.draw(cfg.batch_size // 2))  # unlabeled (labels: None, never held)
     h = len(x) // 2
     teacher.train()  # official: a train-mode teacher (BatchNorm of the batch), each half alone
     p = torch.cat([pseudo_label(teacher(u[:h]), cfg.pseudo_lcc),
@@ -277,8 +277,9 @@ def case_path(root, case):
     nested, flat = Path(root) / "data" / "slices" / f"{case}.h5", Path(root) / "data" / f"{case}.h5"
     return nested if nested.is_file() or ("_slice_" in case and not flat.is_file()) else flat
 
-def load_case(root, case, num_classes=2):
-    """One case -> (image float32, label uint8), checked; every problem names the file."""
+def load_case(root, case, num_classes=2, label=True):
+    """One case -> (image float32, label uint8), checked; every problem names the file.
+    label=False (an unlabeled case): its label is never read, nor needed -> (image, None)."""
     import h5py
     path = case_path(root, case)
     if not path.is_file():
@@ -287,29 +288,34 @@ def load_case(root, case, num_classes=2):
                                                           if is_acdc(root) else ""))
     try:
         with h5py.File(path, "r") as f:
-            missing = [k for k in ("image", "label") if k not in f]
+            missing = [k for k in ("image", "label")[:1 + label] if k not in f]
             if missing:
                 raise UserError(f"{path}: no dataset {' or '.join(map(repr, missing))} (found "
-                                f"{list(f.keys())}); each case needs 'image' and 'label'")
-            image, label = np.asarray(f["image"][()], np.float32), np.asarray(f["label"][()])
+                                f"{list(f.keys())}); " + ("a labeled or evaluated case needs "
+                                "'image' and 'label' (training: the first --labeled cases of the "
+                                "list are the labeled ones; put them first or lower --labeled)"
+                                if label else "each case needs an 'image'"))
+            image = np.asarray(f["image"][()], np.float32)
+            label = np.asarray(f["label"][()]) if label else None
     except UserError:
         raise
     except Exception as e:  # h5py raises OSError and others on truncated files
         raise UserError(f"{path}: cannot read this HDF5 file ({type(e).__name__}: {e}); it is "
                         "corrupt or truncated: re-download or re-create the case") from None
-    problem = (f"image shape {image.shape} and label shape {label.shape} must be the same 2-D "
-               "or 3-D shape" if image.ndim not in (2, 3) or image.shape != label.shape else
+    lab = np.zeros(image.shape, np.uint8) if label is None else label  # (only to check shapes)
+    problem = (f"image shape {image.shape} and label shape {lab.shape} must be the same 2-D "
+               "or 3-D shape" if image.ndim not in (2, 3) or image.shape != lab.shape else
                "the image holds NaN or inf values; fix the preprocessing (np.nan_to_num) or "
                "drop the case" if not np.isfinite(image).all() else
-               f"label values {np.unique(label)[:10].tolist()} but {num_classes} classes allow "
-               f"0..{num_classes - 1}; fix the label map" if label.min() < 0
-               or label.max() >= num_classes else None)
+               f"label values {np.unique(lab)[:10].tolist()} but {num_classes} classes allow "
+               f"0..{num_classes - 1}; fix the label map" if lab.min() < 0
+               or lab.max() >= num_classes else None)
     if problem:
         raise UserError(f"{path}: {problem}")
-    return image, label.astype(np.uint8)
+    return image, None if label is None else label.astype(np.uint8)
 
-def load_split(root, split, num_classes=2):
-    """All cases of `<split>.list` -> (case ids, images, labels), numpy arrays."""
+def read_list(root, split, num_classes=2):
+    """The case ids of `<split>.list`, one per line; a missing or empty list is an error."""
     lst = Path(root) / f"{split}.list"
     cases = lst.read_text().split() if lst.is_file() else []
     if not cases:
@@ -317,7 +323,15 @@ def load_split(root, split, num_classes=2):
         raise UserError(f"{lst} {what} (the official layouts have train.list (ACDC: also "
                         "train_slices.list) and test.list, one id per line); " + GET[
                             "ACDC" if num_classes == 4 else "LA"].format(root))
-    data = [load_case(root, c, num_classes) for c in cases]
+    return cases
+
+def load_split(root, split, num_classes=2, labeled=None):
+    """All cases of `<split>.list` -> (case ids, images, labels), numpy arrays. `labeled`: only
+    the first `labeled` cases have their labels read; the others' labels are None (unlabeled
+    cases need none, and a label they have is never opened)."""
+    cases = read_list(root, split, num_classes)
+    n = len(cases) if labeled is None else labeled
+    data = [load_case(root, c, num_classes, label=i < n) for i, c in enumerate(cases)]
     return cases, [d[0] for d in data], [d[1] for d in data]
 
 def patients_to_slices(slices, n):
@@ -340,27 +354,30 @@ class VolumeSampler:
     along LA_half's 44 slices (patch 48; full LA has 88 slices, patch 80); `margin=0` (2-D)
     pads just to the patch. `queue`: the rest
     of the current pass. Deviation for ACDC: the same rotation + flip every time (official:
-    rotation + flip half the time, a rotation by up to 20 degrees a quarter of it)."""
+    rotation + flip half the time, a rotation by up to 20 degrees a quarter of it).
+    labels=None: unlabeled volumes, no labels held; batch() then returns (images, None)."""
 
     def __init__(self, images, labels, patch, device, generator, margin=None):
         self.patch, self.g, self.queue = tuple(patch), generator, []
         margin = (3 if len(patch) == 3 else 0) if margin is None else margin
         side = max(patch[:2])  # a rotation swaps x and y: pad both to the larger side
-        target, self.images, self.labels = (side, side, *patch[2:]), [], []
-        for im, lb in zip(images, labels):
+        target, self.images = (side, side, *patch[2:]), []
+        self.labels = None if labels is None else []
+        for n, im in enumerate(images):
             if margin and any(s <= t for s, t in zip(im.shape, target)):  # official RandomCrop
                 pad = [(max((t - s) // 2 + margin, 0),) * 2 for t, s in zip(target, im.shape)]
             else:  # just enough for the crop
                 pad = [((t - s) // 2, t - s - (t - s) // 2) if s < t else (0, 0)
                        for t, s in zip(target, im.shape)]
             self.images.append(torch.from_numpy(np.pad(im, pad)).to(device))
-            self.labels.append(torch.from_numpy(np.pad(lb, pad)).to(device))
+            if labels is not None:
+                self.labels.append(torch.from_numpy(np.pad(labels[n], pad)).to(device))
 
     def randint(self, high):
         return int(torch.randint(0, high, (1,), generator=self.g))
 
     def sample(self, i):
-        """-> (image, label) crops of the patch's shape."""
+        """-> (image, label) crops of the patch's shape (label None where none is held)."""
         k, flip = self.randint(4), self.randint(2)  # official RandomRotFlip
         p = self.patch
         size = (p[1], p[0], *p[2:]) if k % 2 else p  # the crop before the rotation
@@ -368,14 +385,14 @@ class VolumeSampler:
         # it never ends a crop at the far border (measured on LA_half: docs/choices.md)
         corner = [self.randint(s - c + 1) for s, c in zip(self.images[i].shape, size)]
         crop = tuple(slice(a, a + c) for a, c in zip(corner, size))
-        return tuple(torch.rot90(v[crop], k, (0, 1)).flip(flip)
-                     for v in (self.images[i], self.labels[i]))
+        return tuple(None if v is None else torch.rot90(v[crop], k, (0, 1)).flip(flip)
+                     for v in (self.images[i], self.labels and self.labels[i]))
 
     def batch(self, indices):
-        """-> images (B, 1, *patch) float, labels (B, *patch) long."""
+        """-> images (B, 1, *patch) float, labels (B, *patch) long (None: unlabeled)."""
         images, labels = zip(*[self.sample(i) for i in indices])
         x = torch.stack(images)[:, None].contiguous(memory_format=MEMORY_FORMAT[len(self.patch)])
-        return x, torch.stack(labels).long()
+        return x, None if self.labels is None else torch.stack(labels).long()
 
     def draw(self, n):
         """n case indices, each pass over the cases in a fresh random order (an epoch)."""
@@ -580,21 +597,22 @@ def make_run(cfg):
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     g = torch.Generator().manual_seed(cfg.seed + rank)  # its own crops and masks per process
     acdc = is_acdc(cfg.root)
-    cases, images, labels = load_split(cfg.root, "train_slices" if acdc else "train",
-                                       cfg.num_classes)
-    if acdc:  # 2-D slices of many sizes, resized to the patch once (official: every draw)
-        images = [resize(torch.from_numpy(im), cfg.patch).numpy() for im in images]
-        labels = [resize(torch.from_numpy(lb), cfg.patch).byte().numpy() for lb in labels]
+    split = "train_slices" if acdc else "train"
+    cases = read_list(cfg.root, split, cfg.num_classes)
     n, k = len(set(c.split("_")[0] for c in cases)) if acdc else len(cases), cfg.labeled
     if k >= n + (cfg.method == "sup"):
         unit = "patients" if acdc else "cases"
         raise UserError(f"--labeled {k}: {cfg.root} has {n} training {unit} and BCP needs "
                         f"unlabeled ones; use --labeled {n - 1} or fewer")
     k = patients_to_slices(cases, k) if acdc else k
+    _, images, labels = load_split(cfg.root, split, cfg.num_classes, labeled=k)  # labels[k:]: None
+    if acdc:  # 2-D slices of many sizes, resized to the patch once (official: every draw)
+        images = [resize(torch.from_numpy(im), cfg.patch).numpy() for im in images]
+        labels = [resize(torch.from_numpy(lb), cfg.patch).byte().numpy() for lb in labels[:k]]
     model = make_model(cfg, device)
     autocast, scaler = amp_setup(cfg.amp, device)
     return Run(cfg, model, VolumeSampler(images[:k], labels[:k], cfg.patch, device, g),
-               VolumeSampler(images[k:], labels[k:], cfg.patch, device, g), g, None, None,
+               VolumeSampler(images[k:], None, cfg.patch, device, g), g, None, None,
                scaler, autocast, rank, world)
 
 LOG_FIELDS = ["stage", "iter", "lr", "loss", "loss_in", "loss_out", "seconds"]
@@ -815,7 +833,8 @@ def read_scan(path, dims):
 def predict(model, cfg, source, out, rank=0, world=1, progress=True):
     """Segment every .nii/.nii.gz/.h5 scan in `source` (a file or a folder) into
     out/<name>.nii.gz (the input's shape, affine and header; h5: identity affine) and
-    out/volumes.csv. As --eval: the same prediction and largest component. A bad scan is named
+    out/volumes.csv. As --eval: the same prediction (a scan smaller than the patch is padded, and
+    cropped back) and largest component. A bad scan (unreadable, not 3-D, NaN) is named
     in one line and skipped; a scan whose mask exists is skipped. Ranks share the scans.
     -> the names of the scans that failed."""
     import nibabel as nib
@@ -831,11 +850,9 @@ def predict(model, cfg, source, out, rank=0, world=1, progress=True):
         if (out / f"{name}.nii.gz").is_file():
             continue
         try:
-            image, affine, header, voxel = read_scan(path, len(cfg.patch))
-            if len(cfg.patch) == 3 and any(s < p for s, p in zip(image.shape, cfg.patch)):
-                raise ValueError(f"shape {image.shape} is smaller than the patch {cfg.patch}")
+            image, affine, header, voxel = read_scan(path, len(cfg.patch))  # a scan smaller
             x = torch.from_numpy(image if len(cfg.patch) == 3 else image.transpose(2, 0, 1))
-            lab = predict_volume(model, x, cfg)[None]
+            lab = predict_volume(model, x, cfg)[None]  # than the patch is padded, as by --eval
             lab = largest_per_class(lab, cfg.num_classes) if cfg.eval_lcc else lab
             lab = lab[0].cpu().numpy().astype(np.uint8)
             lab = lab if len(cfg.patch) == 3 else lab.transpose(1, 2, 0)  # back to (H, W, slices)
@@ -907,6 +924,9 @@ def main(argv=None):
             if args.resume:
                 cfg, state = resume_run(cfg.out, given)
             elif cfg.data != "sample" and "root" not in given and not Path(cfg.root).is_dir():
+                if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # not N downloads into one folder
+                    raise UserError(f"{cfg.root} is missing; under torchrun fetch it first, once:"
+                                    f" `python get_data.py {cfg.data} --root {cfg.root}`")
                 import get_data  # the default root is missing: fetch it (helper beside us)
                 get_data.prepare(cfg.data, cfg.root)
             t0 = time.time()

@@ -2,10 +2,10 @@
 self-training iteration spends its time, sliding-window evaluation, and the metrics vs medpy.
 
     python benchmark.py                                        # LA paper config, synthetic tensors
-    python benchmark.py --patch 64 64 48 --root ../shared/data/LA_half   # LA_half config, real data
+    python benchmark.py --patch 64 64 48 --root data/LA_half   # LA_half config, real data
     python benchmark.py --eval-root DIR --metrics             # evaluation time per case; vs medpy
     python benchmark.py --gpu-check                           # the paper config's it/s, memory
-    python benchmark.py --official ../BCP --root ../shared/data/LA_half   # side by side, below
+    python benchmark.py --official ../BCP --root data/LA_half   # side by side, below
 
 Side by side (--official DIR, a checkout of github.com/DeepMed-Lab-ECNU/BCP kept outside this
 project): on the same machine and --device (auto: CUDA if there is one, else CPU, where the
@@ -13,9 +13,11 @@ official code's .cuda() calls become no-ops), one after the other, the official 
 bcp_minimal train with the same data, labeled cases, crop and budget; both final models are scored
 by the same evaluation (bm.evaluate: sliding windows, largest component, medpy-equal metrics) on
 the same held-out cases: a validation split (the last --val cases of train.list, which neither
-trains on) and the data's test.list. The official code is copied to a work folder and patched only
-where a CPU and this comparison need it (printed, see OFFICIAL_PATCHES); it needs `pip install
-scikit-image tensorboardX pyyaml` (torchvision is replaced by a 5-line Compose).
+trains on) and the data's test.list. The official code is copied to a work folder and changed only
+where a CPU and this comparison need it: the file edits of OFFICIAL_PATCHES (each printed as it is
+made) and driver.py, written beside them (DRIVER: on a CPU .cuda() becomes a no-op, torchvision's
+Compose is replaced by 5 lines, and the test-set checkpoint selection is switched off so that the
+last checkpoint is scored). It needs `pip install scikit-image tensorboardX pyyaml`.
 
 Step times are medians over --iters iterations after --warmup, of bm.train_step itself (the
 function the training loop calls). The parts of a self-training iteration (teacher forward,
@@ -69,7 +71,7 @@ def make_run(cfg, device, root=None):
     """A bm.Run on real data (root, first cfg.labeled cases labeled) or on synthetic volumes."""
     g = torch.Generator().manual_seed(0)
     if root:
-        _, images, labels = bm.load_split(root, "train")
+        _, images, labels = bm.load_split(root, "train", labeled=cfg.labeled)
     else:
         shape = tuple(s + 16 for s in cfg.patch)
         images = [np.random.default_rng(i).normal(size=shape).astype(np.float32) for i in range(12)]
@@ -78,7 +80,7 @@ def make_run(cfg, device, root=None):
     model = bm.make_model(cfg, device)
     autocast, scaler = bm.amp_setup(cfg.amp, device)
     return bm.Run(cfg, model, bm.VolumeSampler(images[:k], labels[:k], cfg.patch, device, g),
-                  bm.VolumeSampler(images[k:], labels[k:], cfg.patch, device, g), g,
+                  bm.VolumeSampler(images[k:], None, cfg.patch, device, g), g,
                   scaler=scaler, autocast=autocast)
 
 

@@ -200,6 +200,9 @@ def test_la_preset_fetches_a_missing_default_root(capsys, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     code, err = run(capsys, "--data", "LA", *FAST)
     assert code == 2 and calls == [("LA", "data/LA")] and "offline in this test" in err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: no process downloads, each says how
+    code, err = run(capsys, "--data", "LA_half", *FAST)
+    assert code == 2 and len(calls) == 1 and "python get_data.py LA_half --root data/LA_half" in err
 
 
 def test_help_explains_every_flag(capsys):
@@ -219,7 +222,6 @@ def test_help_explains_every_flag(capsys):
 @pytest.mark.parametrize("data", ["sample", "LA_half", "ACDC_cpu"])
 def test_help_shows_each_flags_default_for_the_chosen_preset(capsys, data):
     """`--data NAME --help`: every flag's help ends in that preset's default, not the dict."""
-    import re
     with pytest.raises(SystemExit):
         bm.main(["--data", data, "--help"])
     out = capsys.readouterr().out

@@ -43,6 +43,7 @@ def test_predict_nifti_keeps_geometry_and_matches_eval(capsys, tiny_data, traine
         pred = np.asarray(mask.dataobj)
         assert pred.shape == labels[case].shape and np.allclose(mask.affine, AFFINE)
         assert pred.dtype == np.uint8 and set(np.unique(pred)) <= {0, 1}
+        assert (pred == 1).any() and (labels[case] == 1).any()  # a Dice of two empty masks proves nothing
         assert bm.dice(pred == 1, labels[case] == 1) == pytest.approx(evaluated[case]["dice"], abs=1e-12)
         row = next(r for r in rows if r["case"] == case)
         assert int(row["voxels"]) == int((pred == 1).sum())
@@ -66,10 +67,11 @@ def test_predict_bad_scans_are_named_and_the_rest_written(capsys, tiny_data, tra
     code = bm.main(["--predict", str(d), "--ckpt", str(trained), "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 1
-    for bad, why in [("garbage", ""), ("flat", "2-D"), ("fourd", "4-D"), ("nan", "NaN"), ("small", "smaller")]:
+    for bad, why in [("garbage", ""), ("flat", "2-D"), ("fourd", "4-D"), ("nan", "NaN")]:
         line = next(line for line in err.splitlines() if f"{bad}.nii.gz" in line)
         assert why in line and not (out / f"{bad}.nii.gz").exists()
     assert (out / f"{good}.nii.gz").exists() and (out / "h5case.nii.gz").exists()
+    assert nib.load(str(out / "small.nii.gz")).shape == (8, 24, 16)  # smaller than the patch: padded
     assert np.allclose(nib.load(str(out / "h5case.nii.gz")).affine, np.eye(4))  # h5: identity
     h5row = next(r for r in csv.DictReader(open(out / "volumes.csv")) if r["case"] == "h5case")
     assert h5row["ml"] == ""  # no spacing known: no mL
@@ -114,3 +116,22 @@ def test_eval_model_picks_the_weights_scored_and_predicted(capsys, monkeypatch, 
                     "--eval-model", "teacher"]) == 0
     assert same(seen[-1], pre["model"])
     assert json.loads((tmp_path / "pre" / "metrics.json").read_text())["scored"] == "student"
+
+
+def test_predict_takes_every_scan_eval_takes(tiny_data, trained, tmp_path):
+    """A scan thinner than the training patch (as LA_half's 44 slices under its 48-slice patch)
+    is padded and cropped back: its mask has the scan's shape and equals predict_volume's."""
+    state = bm.load_checkpoint(trained)
+    cfg = bm.make_config("sample", **{**state["cfg"], "data": "sample", "patch": (16, 16, 16)})
+    model = bm.make_model(cfg)
+    model.load_state_dict(state["model"])
+    with h5py.File(tiny_data / bm.CASES_DIR / (tiny_data / "test.list").read_text().split()[0] / bm.CASE_FILE) as f:
+        image = f["image"][()][:, :, 3:13]  # 24 x 24 x 10: 10 slices < the patch's 16
+    (tmp_path / "in").mkdir()
+    nib.save(nib.Nifti1Image(image, AFFINE), str(tmp_path / "in" / "thin.nii.gz"))
+    assert bm.predict(model, cfg, tmp_path / "in", tmp_path / "out", progress=False) == []
+    pred = np.asarray(nib.load(str(tmp_path / "out" / "thin.nii.gz")).dataobj)
+    x = bm.read_scan(tmp_path / "in" / "thin.nii.gz", 3)[0]  # normalised as predict reads it
+    want = bm.largest_per_class(bm.predict_volume(model.eval(), torch.from_numpy(x), cfg)[None], 2)[0]
+    assert want.any()
+    assert pred.shape == image.shape and np.array_equal(pred, want.numpy())

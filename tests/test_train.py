@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, SHARED_DATA, tiny_cfg
@@ -204,3 +205,49 @@ def test_amp_on_cuda_is_bf16_only_where_the_gpu_has_it_natively(monkeypatch, cap
     assert ctx.fast_dtype == want
     assert (scaler is not None) == (want == torch.float16)
     assert isinstance(scaler, torch.amp.GradScaler) or scaler is None
+
+
+def _unlabeled_copy(src, dst):
+    """A copy of src where the unlabeled cases (3rd on) hold no label, and one a corrupt one."""
+    import shutil
+
+    import h5py
+    shutil.copytree(src, dst)
+    cases = (dst / "train.list").read_text().split()
+    for n, case in enumerate(cases[2:]):
+        path = bm.case_path(dst, case)
+        with h5py.File(path, "r") as f:
+            image = f["image"][()]
+        with h5py.File(path, "w") as f:
+            f["image"] = image
+            if case == cases[-1]:  # a label no check would pass (wrong shape, class 7): it must never be read
+                f["label"] = np.full((3, 3), 7, np.uint8)
+    return dst
+
+
+def test_unlabeled_cases_need_no_label_and_their_labels_are_never_read(tiny_data, tmp_path):
+    root = _unlabeled_copy(tiny_data, tmp_path / "data")
+    cfg = tiny_cfg(root, tmp_path / "run", labeled=2)
+    run = bm.make_run(cfg)
+    assert run.unl.labels is None and len(run.unl.images) == 4 and len(run.lab.labels) == 2
+    x, y = run.unl.batch([0, 1])
+    assert x.shape == (2, 1, 16, 16, 16) and y is None
+    bm.train(cfg, progress=False)  # both stages, evaluation cases still labeled
+    assert (tmp_path / "run" / "final.pt").is_file()
+
+
+def test_a_labeled_case_without_label_names_the_file_and_the_fix(tiny_data, tmp_path):
+    root = _unlabeled_copy(tiny_data, tmp_path / "data")
+    with pytest.raises(bm.UserError, match=r"mri_norm2\.h5: no dataset 'label'.*--labeled"):
+        bm.make_run(tiny_cfg(root, tmp_path / "run", labeled=3))
+
+
+def test_sampler_without_labels_draws_the_same_crops():
+    """The unlabeled sampler holds no labels, yet its random stream is the labeled one's."""
+    vol = np.random.default_rng(0).normal(size=(20, 18, 17)).astype(np.float32)
+    a = bm.VolumeSampler([vol, vol + 1], [np.zeros(vol.shape, np.uint8)] * 2, (16, 16, 16), "cpu",
+                         torch.Generator().manual_seed(3))
+    b = bm.VolumeSampler([vol, vol + 1], None, (16, 16, 16), "cpu", torch.Generator().manual_seed(3))
+    xa, _ = a.batch(a.draw(4))
+    xb, yb = b.batch(b.draw(4))
+    assert torch.equal(xa, xb) and yb is None
