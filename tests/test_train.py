@@ -251,3 +251,38 @@ def test_sampler_without_labels_draws_the_same_crops():
     xa, _ = a.batch(a.draw(4))
     xb, yb = b.batch(b.draw(4))
     assert torch.equal(xa, xb) and yb is None
+
+
+def _selftrain_run(root, out, **kw):
+    run = bm.make_run(tiny_cfg(root, out, **kw))
+    run.teacher = bm.copy.deepcopy(run.model).requires_grad_(False)
+    run.optimizer = torch.optim.SGD(run.model.parameters(), 0.1, momentum=0.9)
+    return run
+
+
+def test_ema_step_follows_the_optimizer_step(tiny_data, tmp_path):
+    """theta_t <- decay theta_t + (1 - decay) theta_s with the student *after* this iteration's
+    SGD step (an EMA step taken before it would average the old student)."""
+    run = _selftrain_run(tiny_data, tmp_path, ema_decay=0.9)
+    t0 = [p.clone() for p in run.teacher.parameters()]
+    s0 = [p.detach().clone() for p in run.model.parameters()]
+    bm.train_step(run, "selftrain")
+    s1 = [p.detach() for p in run.model.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(s0, s1))  # the student moved
+    for t, a, b in zip(run.teacher.parameters(), t0, s1):
+        torch.testing.assert_close(t, 0.9 * a + 0.1 * b)
+
+
+def test_torchrun_averages_gradients_over_processes(tiny_data, tmp_path, monkeypatch):
+    """With 2 processes whose gradients are equal, all_reduce sums them (2g) and train_step
+    divides by the world size: the step equals the single-process one (a sum would double it)."""
+    steps = []
+    for world in (1, 2):
+        torch.manual_seed(0)
+        run = _selftrain_run(tiny_data, tmp_path / str(world))
+        run.world = world
+        monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: t.mul_(2))  # 2 equal processes
+        bm.train_step(run, "pretrain")
+        steps.append([p.detach().clone() for p in run.model.parameters()])
+    for a, b in zip(*steps):
+        torch.testing.assert_close(a, b)
