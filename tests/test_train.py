@@ -57,10 +57,26 @@ def test_selftrain_teacher_starts_as_pretrained_student(tiny_data, tmp_path, mon
         assert torch.equal(seen[0][k], pre[k]), k  # (its BN statistics moved: a train-mode forward)
 
 
-def test_sup_is_one_stage_on_labeled_only(tiny_data, tmp_path):
+def test_sup_is_one_stage_on_labeled_only(tiny_data, tmp_path, monkeypatch):
+    """--method sup: one stage, every batch from the labeled sampler, no mask, no teacher."""
+    drawn, real_batch = [], bm.VolumeSampler.batch
+    monkeypatch.setattr(bm.VolumeSampler, "batch", lambda self, idx: drawn.append(self.labels is not None) or real_batch(self, idx))
+    monkeypatch.setattr(bm, "bcp_mask", lambda *a, **k: pytest.fail("sup made a copy-paste mask"))
     cfg = tiny_cfg(tiny_data, tmp_path, method="sup")
-    bm.train(cfg, progress=False)
+    run = bm.train(cfg, progress=False)
     assert [(s, i) for s, i, _ in _losses(tmp_path)] == [("sup", i) for i in range(1, 8)]
+    assert drawn == [True] * 7 and run.teacher is None
+
+
+def test_the_loop_sets_the_lr_of_the_schedule(tiny_data, tmp_path, monkeypatch):
+    """lr 0.01 through pre-training; self-training x0.1 every lr_step iterations: what the
+    optimizer holds at each step, and what the log says."""
+    held, real_step = [], torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **k: held.append(self.param_groups[0]["lr"]) or real_step(self, *a, **k))
+    bm.train(tiny_cfg(tiny_data, tmp_path, lr_step=2, selftrain_iters=5), progress=False)
+    want = [0.01] * 3 + [0.01, 0.01, 0.001, 0.001, 0.0001]
+    assert held == pytest.approx(want)
+    assert [float(r["lr"]) for r in csv.DictReader(open(tmp_path / "log.csv"))] == pytest.approx(want)
 
 
 def test_resume_equals_uninterrupted(tiny_data, tmp_path, monkeypatch):
@@ -180,7 +196,10 @@ def test_bf16_step_keeps_fp32_weights_and_a_finite_loss(tiny_data, tmp_path):
     run.teacher = bm.copy.deepcopy(run.model).requires_grad_(False)
     run.optimizer = torch.optim.SGD(run.model.parameters(), 0.01)
     before = [p.clone() for p in run.model.parameters()]
+    dtypes = []
+    run.model.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
     terms = bm.train_step(run, "selftrain")
+    assert dtypes == [torch.bfloat16] * 2  # the student's two forwards ran under autocast
     assert terms["loss"].dtype == torch.float32 and torch.isfinite(terms["loss"])
     assert all(p.dtype == torch.float32 for p in [*run.model.parameters(), *run.teacher.parameters()])
     assert any(not torch.equal(a, b) for a, b in zip(before, run.model.parameters()))
