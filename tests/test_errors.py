@@ -1,4 +1,5 @@
 """Bad input: exit status 2, one message naming the file and the fix, no traceback."""
+import json
 import shutil
 import subprocess
 import sys
@@ -6,6 +7,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT
 
 import bcp_minimal as bm
@@ -174,8 +176,12 @@ def test_resume_uses_the_runs_own_root(capsys, data, tmp_path):
     """--resume without --root must find the data of the original run, not the preset's."""
     out = tmp_path / "o"
     assert run(capsys, "--root", data, "--out", out, *FAST)[0] == 0
+    logged = (out / "log.csv").read_text()
     code, err = run(capsys, "--out", out, "--resume", "--device", "cpu")
     assert code == 0, err
+    assert (out / "log.csv").read_text() == logged  # finished: nothing re-trained or re-logged
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["cases"]) == len((data / "test.list").read_text().split())  # its own test.list
 
 
 def test_resume_refuses_to_change_the_method(capsys, data, tmp_path):
@@ -233,3 +239,25 @@ def test_help_shows_each_flags_default_for_the_chosen_preset(capsys, data):
         assert entries[flag].endswith(f"[default: {want}]"), (flag, entries[flag], want)
     assert sum("[default: " in e for e in entries.values()) == len(bm.dataclasses.fields(bm.Config))
     assert "'pretrain_iters'" not in out  # not the PRESETS dict
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--ckpt-every", "7", "--ckpt-every 7: a multiple of --log-every"),
+    ("--lr", "0", "--lr"), ("--labeled", "0", "--labeled"), ("--width", "0", "--width"),
+    ("--ema-decay", "1.5", "--ema-decay in [0, 1]"), ("--eval-stride", "8 8", "--eval-stride: X Y Z"),
+    ("--selftrain-iters", "-1", "iterations >= 0"),
+])
+def test_every_config_check_names_its_flag(capsys, tmp_path, flag, value, needle):
+    code, err = run(capsys, "--root", tmp_path / "nowhere", "--out", tmp_path / "o", *FAST,
+                    "--log-every", "2", flag, *value.split())
+    assert code == 2 and needle in err and "no folder" not in err
+
+
+def test_resume_with_another_number_of_processes_is_refused(capsys, data, tmp_path):
+    out = tmp_path / "o"
+    assert run(capsys, "--root", data, "--out", out, *FAST)[0] == 0
+    state = torch.load(out / "ckpt_last.pt", weights_only=False)
+    state["rng"] = state["rng"] * 2  # as if written by 2 torchrun processes
+    torch.save(state, out / "ckpt_last.pt")
+    code, err = run(capsys, "--out", out, "--resume", "--device", "cpu")
+    assert code == 2 and "the run had 2 processes, not 1" in err

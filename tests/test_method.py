@@ -339,3 +339,21 @@ def test_la_half_preset_decays_the_lr_for_the_last_400_self_training_iterations(
     assert lrs[:2000] == pytest.approx([0.01] * 2000)
     assert lrs[2000:] == pytest.approx([0.001] * 400)
     assert bm.stage_lr(cfg, "pretrain", cfg.pretrain_iters) == pytest.approx(0.01)
+
+
+def test_largest_component_in_2d_is_8_connected():
+    """ACDC slices: diagonal pixels are neighbours (8-connectivity), as official skimage."""
+    m = torch.zeros(1, 6, 6, dtype=torch.bool)
+    m[0, 0, 0] = m[0, 1, 1] = m[0, 2, 2] = True  # a diagonal chain of 3: one component in 8-conn
+    m[0, 4, 4] = m[0, 4, 5] = True  # 2 pixels apart from it
+    out = bm.largest_component(m)
+    assert out.sum() == 3 and out[0, 1, 1] and not out[0, 4, 4]
+
+
+def test_sampler_draws_every_case_once_per_pass():
+    g = torch.Generator().manual_seed(0)
+    s = bm.VolumeSampler([np.zeros((16, 16, 16), np.float32)] * 5, None, (16, 16, 16), "cpu", g)
+    first, second = s.draw(5), s.draw(5)
+    assert sorted(first) == sorted(second) == list(range(5)) and first != second
+    third = s.draw(3) + s.draw(2)  # a pass split over two calls is still one pass
+    assert sorted(third) == list(range(5))
