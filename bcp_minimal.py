@@ -439,7 +439,8 @@ class Config:
                          "that scored best on test (LA) or val (ACDC))", ["student", "teacher"])
     device: str = _f("auto", "auto (cuda, mps, then cpu) | cpu | cuda | mps")
     amp: str = _f("auto", "autocast: bf16 on GPUs of compute capability >= 8.0, fp16 + "
-                  "GradScaler on older ones (T4), bf16 on CPUs with AMX; fp32 elsewhere",
+                  "GradScaler on older ones (T4), bf16 on CPUs with AMX or AVX512-BF16; fp32 "
+                  "elsewhere",
                   ["auto", "on", "off"])
     out: str = _f("runs/sample", "run folder: config, log, checkpoints, metrics")
     log_every: int = _f(20, "iterations between log lines (host syncs)")
@@ -510,11 +511,13 @@ def amp_setup(mode, device):
     """-> (autocast, GradScaler or None). CUDA: bf16 where the GPU has it natively (compute
     capability >= 8.0: A100, H100, RTX 30xx+), else fp16 + GradScaler: a T4 (7.5) reports
     is_bf16_supported() True but only emulates bf16 (no cuDNN bf16 convolutions, slow). CPU:
-    bf16 where "auto" finds AMX (Xeon 4th gen+: self-training steps ~1.5x faster on a 2-core
-    VM, README), or everywhere with "on"."""
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    bf16 where "auto" finds native bf16 instructions, AMX (Xeon 4th gen+: self-training steps
+    1.5x faster on a 2-core VM) or AVX512-BF16 (a 2-core AMD EPYC: 1.6-1.7x; docs/choices.md);
+    fp32 on other CPUs, where bf16 is emulated; "on": bf16 on any CPU."""
+    native = [getattr(torch.cpu, f, lambda: False)() for f in ("_is_amx_tile_supported",
+                                                                  "_is_avx512_bf16_supported")]
     if mode == "off" or device.type == "mps" or (mode == "auto" and device.type == "cpu"
-                                                  and not amx):
+                                                  and not any(native)):
         return contextlib.nullcontext, None
     if device.type == "cpu":
         return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)), None

@@ -188,20 +188,26 @@ def test_real_la_full_size_two_iterations(tmp_path):
     assert len(_losses(tmp_path)) == 4
 
 
-def test_amp_on_cpu_is_bf16_where_amx_runs_it(monkeypatch):
-    """CPU: bf16 autocast with --amp on, or with auto on a CPU with AMX; fp32 with off or
-    without AMX; never a GradScaler (bf16 needs none)."""
+@pytest.mark.parametrize("amx, avx512_bf16, auto_bf16", [
+    (True, True, True),     # Xeon 4th gen+ (AMX)
+    (False, True, True),    # AMD EPYC Zen 4, Xeon 3rd gen (Cooper Lake): AVX512-BF16, no AMX
+    (False, False, False),  # most laptops, older servers: bf16 would be emulated
+])
+def test_amp_on_cpu_is_bf16_where_the_cpu_has_native_bf16(monkeypatch, amx, avx512_bf16, auto_bf16):
+    """CPU: --amp auto is bf16 with AMX or AVX512-BF16, fp32 without either; on: bf16 anyway;
+    off: fp32 anyway; never a GradScaler (bf16 needs none)."""
     conv, x = torch.nn.Conv3d(1, 2, 3), torch.randn(1, 1, 4, 4, 4)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
 
-    def dtype(mode, amx):
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    def dtype(mode):
         autocast, scaler = bm.amp_setup(mode, torch.device("cpu"))
         assert scaler is None
         with autocast():
             return conv(x).dtype
 
-    assert dtype("on", False) == dtype("on", True) == dtype("auto", True) == torch.bfloat16
-    assert dtype("auto", False) == dtype("off", True) == dtype("off", False) == torch.float32
+    assert dtype("auto") == (torch.bfloat16 if auto_bf16 else torch.float32)
+    assert dtype("on") == torch.bfloat16 and dtype("off") == torch.float32
 
 
 def test_bf16_step_keeps_fp32_weights_and_a_finite_loss(tiny_data, tmp_path):
