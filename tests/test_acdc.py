@@ -151,3 +151,42 @@ def test_slice_and_label_of_different_shapes(capsys, tmp_path):
         f["label"] = lb[:-1]
     code, err = _run(capsys, "--root", root, "--out", tmp_path / "o", *ARGS)
     assert code == 2 and str(path) in err and "shape" in err
+
+
+class Bright(torch.nn.Module):
+    """A fake 2-D model that only takes the training patch: class 1 where the pixel is > 0.5."""
+
+    def __init__(self, patch):
+        super().__init__()
+        self.patch, self.w = tuple(patch), torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        assert tuple(x.shape[2:]) == self.patch, f"got {tuple(x.shape[2:])}, the model takes {self.patch}"
+        fg = (x[:, 0] > 0.5).float()
+        return torch.stack([1 - fg, fg], 1) * 5
+
+
+def test_2d_prediction_resizes_each_slice_to_the_patch_and_back():
+    """Slices of 40 x 24 go through a model that takes only 32 x 32, and come back 40 x 24, with
+    the bright square where it was (nearest neighbour both ways: the square's inner part exact)."""
+    cfg = bm.make_config("ACDC", patch=(32, 32), num_classes=2)
+    image = torch.zeros(3, 40, 24)
+    image[1, 10:30, 6:18] = 1  # slice 1: a 20 x 12 square
+    pred = bm.predict_volume(Bright((32, 32)), image, cfg)
+    assert pred.shape == (3, 40, 24) and not pred[0].any() and not pred[2].any()
+    assert pred[1, 11:29, 7:17].all() and not pred[1, :8].any() and not pred[1, :, 20:].any()
+
+
+def test_2d_predict_reads_h_w_slices_and_writes_the_same_orientation(tmp_path):
+    """--predict on a 2-D model: a NIfTI (H, W, slices) is predicted slice by slice along the
+    last axis and its mask written back (H, W, slices), the square where it was."""
+    nib = pytest.importorskip("nibabel")
+    scan = np.zeros((40, 24, 5), np.float32)
+    scan[10:30, 6:18, 3] = 1  # a square in slice 3 only, already in [0, 1]
+    (tmp_path / "in").mkdir()
+    nib.save(nib.Nifti1Image(scan, np.diag([1.5, 1.5, 8, 1])), str(tmp_path / "in" / "heart.nii.gz"))
+    cfg = bm.make_config("ACDC", patch=(32, 32), num_classes=2, eval_lcc=True)
+    assert bm.predict(Bright((32, 32)), cfg, tmp_path / "in", tmp_path / "out", progress=False) == []
+    mask = np.asarray(nib.load(str(tmp_path / "out" / "heart.nii.gz")).dataobj)
+    assert mask.shape == (40, 24, 5) and mask[..., [0, 1, 2, 4]].sum() == 0
+    assert mask[11:29, 7:17, 3].all() and mask[..., 3].sum() <= 20 * 12 + 2 * (20 + 12)

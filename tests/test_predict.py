@@ -135,3 +135,53 @@ def test_predict_takes_every_scan_eval_takes(tiny_data, trained, tmp_path):
     want = bm.largest_per_class(bm.predict_volume(model.eval(), torch.from_numpy(x), cfg)[None], 2)[0]
     assert want.any()
     assert pred.shape == image.shape and np.array_equal(pred, want.numpy())
+
+
+@pytest.mark.parametrize("dims", [3, 2])
+def test_read_scan_normalises_as_the_training_data(tmp_path, dims):
+    """3-D (LA): a scan not z-scored is z-scored, one already z-scored is left as it is.
+    2-D (ACDC): a scan outside [0, 1] is scaled to [0, 1], one inside is left as it is."""
+    rng = np.random.default_rng(0)
+    raw = (rng.normal(size=(20, 16, 12)) * 30 + 200).astype(np.float32)  # raw MR intensities
+    nib.save(nib.Nifti1Image(raw, np.eye(4)), str(tmp_path / "raw.nii.gz"))
+    image = bm.read_scan(tmp_path / "raw.nii.gz", dims)[0]
+    if dims == 3:
+        assert abs(image.mean()) < 1e-4 and abs(image.std() - 1) < 1e-3
+        ready = (raw - raw.mean()) / raw.std()
+    else:
+        assert image.min() == pytest.approx(0, abs=1e-6) and image.max() == pytest.approx(1, abs=1e-6)
+        ready = (raw - raw.min()) / (raw.max() - raw.min())
+    np.testing.assert_allclose(image, (raw - raw.mean()) / raw.std() if dims == 3 else ready, rtol=1e-4, atol=1e-4)
+    nib.save(nib.Nifti1Image(ready.astype(np.float32), np.eye(4)), str(tmp_path / "ready.nii.gz"))
+    assert np.array_equal(bm.read_scan(tmp_path / "ready.nii.gz", dims)[0], ready.astype(np.float32))
+
+
+class Threshold(torch.nn.Module):
+    """A fake 3-D model: foreground where the voxel is bright."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        fg = (x[:, 0] > 0.5).float()
+        return torch.stack([1 - fg, fg], 1) * 5
+
+
+@pytest.mark.parametrize("lcc", [True, False])
+def test_evaluate_keeps_the_largest_component_only_when_asked(tmp_path, lcc):
+    """The organ (labeled) and a small bright blob (not labeled) far from it: with eval_lcc the
+    blob is dropped and Dice is 1; without, it counts as a false positive."""
+    root = tmp_path / "data"
+    image = np.zeros((32, 32, 16), np.float32)
+    label = np.zeros((32, 32, 16), np.uint8)
+    image[4:16, 4:16, 4:12] = label[4:16, 4:16, 4:12] = 1  # the organ: 12 x 12 x 8
+    image[26:29, 26:29, 10:13] = 1  # a 27-voxel blob
+    (root / bm.CASES_DIR / "case0").mkdir(parents=True)
+    with h5py.File(root / bm.CASES_DIR / "case0" / bm.CASE_FILE, "w") as f:
+        f["image"], f["label"] = image, label
+    (root / "test.list").write_text("case0\n")
+    cfg = bm.make_config("sample", root=str(root), patch=(16, 16, 16), eval_stride=(8, 8, 8), eval_lcc=lcc)
+    m = bm.evaluate(Threshold(), cfg, progress=False)
+    want = 1.0 if lcc else 2 * 1152 / (1152 + 27 + 1152)
+    assert m["dice"] == pytest.approx(want)
