@@ -326,3 +326,41 @@ def test_torchrun_averages_gradients_over_processes(tiny_data, tmp_path, monkeyp
         steps.append([p.detach().clone() for p in run.model.parameters()])
     for a, b in zip(*steps):
         torch.testing.assert_close(a, b)
+
+
+def test_grad_scaler_step_equals_the_unscaled_step(tiny_data, tmp_path):
+    """fp16 training's GradScaler path (CUDA; a CPU scaler here): the scaled loss's gradients are
+    unscaled before the SGD step, so the step is the one without a scaler."""
+    steps = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)):
+        torch.manual_seed(0)
+        run = _selftrain_run(tiny_data, tmp_path / str(scaler is None))
+        run.scaler = scaler
+        bm.train_step(run, "selftrain")
+        steps.append([p.detach().clone() for p in run.model.parameters()])
+    for a, b in zip(*steps):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_resume_restores_the_grad_scaler(tiny_data, tmp_path, monkeypatch):
+    """The scaler's state (scale, growth tracker) goes into every checkpoint and comes back on
+    --resume: the killed-and-resumed run ends with the uninterrupted run's scaler."""
+    monkeypatch.setattr(bm, "amp_setup", lambda mode, device: (bm.contextlib.nullcontext, torch.amp.GradScaler(
+        "cpu", init_scale=2.0 ** 10, growth_interval=3)))
+    kw = dict(ckpt_every=2, selftrain_iters=5)
+    bm.train(tiny_cfg(tiny_data, tmp_path / "full", **kw), progress=False)
+    real, count = bm.train_step, [0]
+
+    def dying(run, stage):
+        count[0] += 1
+        if count[0] == 3 + 4:  # self-training iteration 4, after the checkpoint at 2
+            raise KeyboardInterrupt
+        return real(run, stage)
+
+    monkeypatch.setattr(bm, "train_step", dying)
+    with pytest.raises(KeyboardInterrupt):
+        bm.train(tiny_cfg(tiny_data, tmp_path / "cut", **kw), progress=False)
+    monkeypatch.setattr(bm, "train_step", real)
+    bm.train(*bm.resume_run(tmp_path / "cut"), progress=False)
+    want, got = (torch.load(tmp_path / d / "final.pt", weights_only=False)["scaler"] for d in ("full", "cut"))
+    assert want["scale"] > 2.0 ** 10 and got == want  # it grew during the run, and resumed exactly
