@@ -124,7 +124,7 @@ def test_argument_errors_before_any_work(capsys, tmp_path, flag, value, needle):
 
 def test_patch_not_divisible(capsys, tmp_path):
     code, err = run(capsys, "--out", tmp_path / "o", *FAST, "--patch", "20", "16", "16")
-    assert code == 2 and "--patch 20 16 16" in err and "16" in err
+    assert code == 2 and "--patch 20 16 16" in err and "a positive multiple of 16" in err
 
 
 def test_volume_smaller_than_patch_is_padded(capsys, tmp_path):
