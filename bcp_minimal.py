@@ -46,13 +46,10 @@ class ConvBlock(nn.Sequential):  # (conv 3^d -> BatchNorm -> ReLU) x 2
                          Conv(cout, cout, 3, padding=1, bias=False), Norm(cout), nn.ReLU(True))
 
 class UNet(nn.Module):
-    """U-Net, 4 poolings, widths w..16w: (B, C, *S) -> logits (B, K, *S); each side of S must
-    divide by 16. Deviations: official LA uses a V-Net; `dropout` puts its channel dropout (p 0.5)
-    on the same two places, the bottleneck and the last features (in train mode only). Official
-    ACDC uses UNet_2d: the same 4 levels (width 16) with LeakyReLU, bilinear upsampling instead
-    of transposed convolutions, and dropout 0.05/0.1/0.2/0.3/0.5 inside the 5 encoder blocks,
-    so its train-mode teacher is dropout-noisy; the ACDC presets here use ReLU, transposed
-    convolutions and no dropout (`--dropout 0.5` measured on ACDC_cpu: docs/choices.md)."""
+    """U-Net, 4 poolings, widths w..16w: (B, C, *S) -> logits (B, K, *S); sides divide by 16.
+    Deviations: official LA uses a V-Net, whose channel dropout (p 0.5) `dropout` puts on the same
+    two places (bottleneck, last features); official ACDC's UNet_2d has LeakyReLU, bilinear
+    upsampling and encoder dropout 0.05-0.5 (ACDC presets: none; measured in docs/choices.md)."""
 
     def __init__(self, in_channels=1, num_classes=2, width=16, dims=3, dropout=0.0):
         super().__init__()
@@ -155,9 +152,8 @@ def seg_loss(logits, target):
 @torch.no_grad()
 def ema_update(teacher, student, decay):
     """Mean-Teacher step: theta_t <- decay theta_t + (1 - decay) theta_s. BatchNorm running
-    statistics get the same average, as official ACDC (which averages the whole state_dict);
-    official LA averages the parameters only. Only an eval-mode teacher reads these statistics
-    (--eval-model teacher): the train-mode teacher of self-training normalises by its batch."""
+    statistics too, as official ACDC (official LA: parameters only); only an eval-mode teacher
+    (--eval-model teacher) reads them, the train-mode one of self-training uses its batch's."""
     t_b, s_b = list(teacher.buffers()), list(student.buffers())
     t_f = list(teacher.parameters()) + [t for t in t_b if t.is_floating_point()]
     s_f = [p.detach() for p in student.parameters()] + [
@@ -278,8 +274,8 @@ def case_path(root, case):
     return nested if nested.is_file() or ("_slice_" in case and not flat.is_file()) else flat
 
 def load_case(root, case, num_classes=2, label=True):
-    """One case -> (image float32, label uint8), checked; every problem names the file.
-    label=False (an unlabeled case): its label is never read, nor needed -> (image, None)."""
+    """One case -> (image float32, label uint8 or None), checked; every problem names the file.
+    label=False (an unlabeled case): its label is never read, nor needed."""
     import h5py
     path = case_path(root, case)
     if not path.is_file():
@@ -291,10 +287,9 @@ def load_case(root, case, num_classes=2, label=True):
             missing = [k for k in ("image", "label")[:1 + label] if k not in f]
             if missing:
                 raise UserError(f"{path}: no dataset {' or '.join(map(repr, missing))} (found "
-                                f"{list(f.keys())}); " + ("a labeled or evaluated case needs "
-                                "'image' and 'label' (training: the first --labeled cases of the "
-                                "list are the labeled ones; put them first or lower --labeled)"
-                                if label else "each case needs an 'image'"))
+                                f"{list(f.keys())}); every case needs 'image', labeled and "
+                                "evaluated ones 'label' (the first --labeled cases of train.list"
+                                " are the labeled ones: put them first or lower --labeled)")
             image = np.asarray(f["image"][()], np.float32)
             label = np.asarray(f["label"][()]) if label else None
     except UserError:
@@ -302,14 +297,14 @@ def load_case(root, case, num_classes=2, label=True):
     except Exception as e:  # h5py raises OSError and others on truncated files
         raise UserError(f"{path}: cannot read this HDF5 file ({type(e).__name__}: {e}); it is "
                         "corrupt or truncated: re-download or re-create the case") from None
-    lab = np.zeros(image.shape, np.uint8) if label is None else label  # (only to check shapes)
-    problem = (f"image shape {image.shape} and label shape {lab.shape} must be the same 2-D "
-               "or 3-D shape" if image.ndim not in (2, 3) or image.shape != lab.shape else
+    shape = image.shape if label is None else label.shape
+    problem = (f"image shape {image.shape} and label shape {shape} must be the same 2-D "
+               "or 3-D shape" if image.ndim not in (2, 3) or image.shape != shape else
                "the image holds NaN or inf values; fix the preprocessing (np.nan_to_num) or "
                "drop the case" if not np.isfinite(image).all() else
-               f"label values {np.unique(lab)[:10].tolist()} but {num_classes} classes allow "
-               f"0..{num_classes - 1}; fix the label map" if lab.min() < 0
-               or lab.max() >= num_classes else None)
+               f"label values {np.unique(label)[:10].tolist()} but {num_classes} classes allow "
+               f"0..{num_classes - 1}; fix the label map" if label is not None and (
+                   label.min() < 0 or label.max() >= num_classes) else None)
     if problem:
         raise UserError(f"{path}: {problem}")
     return image, None if label is None else label.astype(np.uint8)
@@ -326,9 +321,8 @@ def read_list(root, split, num_classes=2):
     return cases
 
 def load_split(root, split, num_classes=2, labeled=None):
-    """All cases of `<split>.list` -> (case ids, images, labels), numpy arrays. `labeled`: only
-    the first `labeled` cases have their labels read; the others' labels are None (unlabeled
-    cases need none, and a label they have is never opened)."""
+    """All cases of `<split>.list` -> (case ids, images, labels), numpy arrays; with `labeled`
+    only the first `labeled` labels are read, the others are None (never opened)."""
     cases = read_list(root, split, num_classes)
     n = len(cases) if labeled is None else labeled
     data = [load_case(root, c, num_classes, label=i < n) for i, c in enumerate(cases)]
@@ -342,8 +336,7 @@ def patients_to_slices(slices, n):
 
 def resize(x, size):
     """An image or label resized to `size`, nearest neighbour. Deviation: official ACDC uses
-    scipy's zoom(order=0), whose rounding picks a neighbouring source pixel at some positions
-    where F.interpolate(mode="nearest") picks the other: same idea, not pixel for pixel."""
+    scipy's zoom(order=0), which rounds some positions to the neighbouring source pixel."""
     return F.interpolate(x[None, None].float(), size=tuple(size), mode="nearest")[0, 0]
 
 class VolumeSampler:
@@ -351,11 +344,9 @@ class VolumeSampler:
     augmentation: a random 90-degree rotation in (x, y), a flip along x or y, a random crop.
     Padding (3-D, official RandomCrop): if a side is <= the patch's, every side gets
     max((patch - side) // 2 + 3, 0) zeros at both ends, so a crop moves up to 6 voxels even
-    along LA_half's 44 slices (patch 48; full LA has 88 slices, patch 80); `margin=0` (2-D)
-    pads just to the patch. `queue`: the rest
-    of the current pass. Deviation for ACDC: the same rotation + flip every time (official:
-    rotation + flip half the time, a rotation by up to 20 degrees a quarter of it).
-    labels=None: unlabeled volumes, no labels held; batch() then returns (images, None)."""
+    along LA_half's 44 slices (patch 48); `margin=0` (2-D) pads just to the patch. `queue`: the
+    rest of the current pass. labels=None: unlabeled, none held. Deviation for ACDC: the same
+    rotation + flip every time (official: half the time, and a rotation <= 20 deg a quarter)."""
 
     def __init__(self, images, labels, patch, device, generator, margin=None):
         self.patch, self.g, self.queue = tuple(patch), generator, []
@@ -381,8 +372,8 @@ class VolumeSampler:
         k, flip = self.randint(4), self.randint(2)  # official RandomRotFlip
         p = self.patch
         size = (p[1], p[0], *p[2:]) if k % 2 else p  # the crop before the rotation
-        # corner uniform in [0, s - c]. Deviation: official RandomCrop draws from [0, s - c), so
-        # it never ends a crop at the far border (measured on LA_half: docs/choices.md)
+        # corner in [0, s - c]. Deviation: official RandomCrop draws from [0, s - c), never
+        # ending a crop at the far border (measured on the phantoms: docs/choices.md)
         corner = [self.randint(s - c + 1) for s, c in zip(self.images[i].shape, size)]
         crop = tuple(slice(a, a + c) for a, c in zip(corner, size))
         return tuple(None if v is None else torch.rot90(v[crop], k, (0, 1)).flip(flip)
@@ -440,8 +431,7 @@ class Config:
     device: str = _f("auto", "auto (cuda, mps, then cpu) | cpu | cuda | mps")
     amp: str = _f("auto", "autocast: bf16 on GPUs of compute capability >= 8.0, fp16 + "
                   "GradScaler on older ones (T4), bf16 on CPUs with AMX or AVX512-BF16; fp32 "
-                  "elsewhere",
-                  ["auto", "on", "off"])
+                  "elsewhere", ["auto", "on", "off"])
     out: str = _f("runs/sample", "run folder: config, log, checkpoints, metrics")
     log_every: int = _f(20, "iterations between log lines (host syncs)")
     ckpt_every: int = _f(200, "iterations between checkpoints, a multiple of --log-every")
@@ -508,12 +498,9 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 def amp_setup(mode, device):
-    """-> (autocast, GradScaler or None). CUDA: bf16 where the GPU has it natively (compute
-    capability >= 8.0: A100, H100, RTX 30xx+), else fp16 + GradScaler: a T4 (7.5) reports
-    is_bf16_supported() True but only emulates bf16 (no cuDNN bf16 convolutions, slow). CPU:
-    bf16 where "auto" finds native bf16 instructions, AMX (Xeon 4th gen+: self-training steps
-    1.5x faster on a 2-core VM) or AVX512-BF16 (a 2-core AMD EPYC: 1.6-1.7x; docs/choices.md);
-    fp32 on other CPUs, where bf16 is emulated; "on": bf16 on any CPU."""
+    """-> (autocast, GradScaler or None). CUDA: bf16 at compute capability >= 8.0, else fp16 +
+    GradScaler (a T4 reports bf16 but emulates it, slowly). CPU, "auto": bf16 with native bf16
+    instructions, AMX or AVX512-BF16 (1.5-1.7x per step: docs/choices.md), fp32 elsewhere."""
     native = [getattr(torch.cpu, f, lambda: False)() for f in ("_is_amx_tile_supported",
                                                                   "_is_avx512_bf16_supported")]
     if mode == "off" or device.type == "mps" or (mode == "auto" and device.type == "cpu"
@@ -622,9 +609,8 @@ LOG_FIELDS = ["stage", "iter", "lr", "loss", "loss_in", "loss_out", "seconds"]
 
 def train(cfg, state=None, progress=True, on_log=None):
     """Train per cfg into cfg.out -> the Run; `state`: a checkpoint to resume (resume_run).
-    bcp: "pretrain", then "selftrain" (teacher = the pre-trained student; a new optimizer, as
-    official LA. Deviation for ACDC: its official script restores the pre-training optimizer,
-    momentum included; measured: docs/choices.md); sup: one stage "sup".
+    bcp: "pretrain", then "selftrain" (teacher = the pre-trained student, a new optimizer as
+    official LA; official ACDC restores the pre-training one: docs/choices.md); sup: one stage.
     on_log(stage, it, run, rows) runs after each log flush."""
     from tqdm.auto import tqdm
     run, out, t0 = make_run(cfg), Path(cfg.out), time.time()  # seconds: since this process began
@@ -836,9 +822,9 @@ def read_scan(path, dims):
 def predict(model, cfg, source, out, rank=0, world=1, progress=True):
     """Segment every .nii/.nii.gz/.h5 scan in `source` (a file or a folder) into
     out/<name>.nii.gz (the input's shape, affine and header; h5: identity affine) and
-    out/volumes.csv. As --eval: the same prediction (a scan smaller than the patch is padded, and
-    cropped back) and largest component. A bad scan (unreadable, not 3-D, NaN) is named
-    in one line and skipped; a scan whose mask exists is skipped. Ranks share the scans.
+    out/volumes.csv. As --eval: the same prediction (padded where smaller than the patch) and
+    largest component. A bad scan (unreadable, not 3-D, NaN) is named in one line and skipped;
+    a scan whose mask exists is skipped. Ranks share the scans.
     -> the names of the scans that failed."""
     import nibabel as nib
     from tqdm.auto import tqdm
@@ -853,9 +839,9 @@ def predict(model, cfg, source, out, rank=0, world=1, progress=True):
         if (out / f"{name}.nii.gz").is_file():
             continue
         try:
-            image, affine, header, voxel = read_scan(path, len(cfg.patch))  # a scan smaller
+            image, affine, header, voxel = read_scan(path, len(cfg.patch))
             x = torch.from_numpy(image if len(cfg.patch) == 3 else image.transpose(2, 0, 1))
-            lab = predict_volume(model, x, cfg)[None]  # than the patch is padded, as by --eval
+            lab = predict_volume(model, x, cfg)[None]
             lab = largest_per_class(lab, cfg.num_classes) if cfg.eval_lcc else lab
             lab = lab[0].cpu().numpy().astype(np.uint8)
             lab = lab if len(cfg.patch) == 3 else lab.transpose(1, 2, 0)  # back to (H, W, slices)
@@ -885,15 +871,15 @@ def _bool(s):
         raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
     return s.lower() in ("1", "true", "yes", "on")
 
-def make_parser(data="sample"):
-    """The command line: a flag per Config field, each help line ending in the default that
-    preset `data` gives it (flags left out stay None, so given ones can be told apart)."""
+def main(argv=None):
+    first = argparse.ArgumentParser(add_help=False)  # --data first: it sets the defaults shown
+    first.add_argument("--data", choices=list(PRESETS))
+    data = first.parse_known_args(argv)[0].data or "sample"
     base = make_config(data)
-    p = argparse.ArgumentParser(description="Bidirectional Copy-Paste (BCP, CVPR 2023): "
-                                "semi-supervised segmentation of 3-D volumes (LA) and 2-D slices "
-                                f"(ACDC). Defaults shown are those of --data {data}; "
-                                "`--data NAME --help` shows another preset's.")
-    for f in dataclasses.fields(Config):
+    p = argparse.ArgumentParser(description="Bidirectional Copy-Paste (BCP, CVPR 2023): semi-"
+                                "supervised segmentation of 3-D volumes (LA) and 2-D slices (ACDC)."
+                                f" Defaults: --data {data}'s (`--data NAME --help`: another's).")
+    for f in dataclasses.fields(Config):  # given flags are not None: told apart from defaults
         kw = (dict(type=int, nargs="+", metavar="N") if isinstance(f.default, tuple)
               else {"type": _bool if isinstance(f.default, bool) else type(f.default)})
         d = getattr(base, f.name)
@@ -905,12 +891,6 @@ def make_parser(data="sample"):
     p.add_argument("--eval", metavar="CKPT", help="score a checkpoint on --eval-split, no training")
     p.add_argument("--predict", metavar="IN", help="segment a NIfTI/h5 file or folder (--ckpt)")
     p.add_argument("--ckpt", help="the checkpoint --predict uses")
-    return p
-
-def main(argv=None):
-    first = argparse.ArgumentParser(add_help=False)  # --data first: it sets the defaults shown
-    first.add_argument("--data", choices=list(PRESETS))
-    p = make_parser(first.parse_known_args(argv)[0].data or "sample")
     args = p.parse_args(argv)
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()
              if k not in ("data", "resume", "eval", "predict", "ckpt") and v is not None}
@@ -946,7 +926,8 @@ def main(argv=None):
             if rank == 0:
                 print(f"masks and volumes.csv in {cfg.out}; {len(failed)} scans failed")
             return 1 if failed else 0
-        metrics = {**evaluate(model, cfg, out=cfg.out), **extra, "scored": use}  # + time, who
+        metrics = {**evaluate(model, cfg), **extra, "scored": use}  # + time, which weights
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
