@@ -257,6 +257,7 @@ CASES_DIR, CASE_FILE = "2018LA_Seg_Training Set", "mri_norm2.h5"
 GET = {"LA": "get it with `python get_data.py LA --root {}` (see README)",
        "ACDC": "get the SSL4MIS-preprocessed ACDC data with `python get_data.py ACDC --root {}`"}
 CLASS_NAMES = {2: ["LA"], 4: ["RV", "Myo", "LV"]}  # foreground classes: LA; ACDC
+DATASET_FILE = "bcp_dataset.json"  # get_data.py's record of a folder it made: classes, norm..
 MEMORY_FORMAT = {2: torch.channels_last, 3: torch.channels_last_3d}  # 1.5x faster CPU convs
 
 class UserError(Exception):
@@ -334,6 +335,35 @@ def patients_to_slices(slices, n):
     patients = list(dict.fromkeys(s.split("_")[0] for s in slices))[:n]
     return sum(s.split("_")[0] in patients for s in slices)
 
+NORMS = ("zscore", "minmax", "ct", "none")
+
+def normalize(image, norm, window=(-125.0, 275.0)):
+    """One whole scan's intensities as training expects them (float32). zscore (MR, as the LA
+    preprocessing): (x - mean) / std; minmax (ACDC, SSL4MIS): to [0, 1]; ct (official Pancreas
+    / CoraNet): clip to the HU window, then to [0, 1] (deviation: CoraNet divides by the
+    clipped scan's own min-max, the same wherever the scan spans the window; ours is fixed);
+    none: as given. get_data.py applies it when it makes a case, --predict to every NIfTI."""
+    x = np.asarray(image, np.float64)
+    if norm == "zscore":
+        x = (x - x.mean()) / (x.std() + 1e-8)
+    elif norm == "minmax":
+        x = (x - x.min()) / (x.max() - x.min() + 1e-8)
+    elif norm == "ct":
+        x = (np.clip(x, *window) - window[0]) / (window[1] - window[0])
+    return x.astype(np.float32)
+
+def resample(x, zoom, label=False):
+    """A 3-D scan (numpy) resized by `zoom` per axis (old spacing / new spacing), trilinear;
+    label=True: each class's indicator trilinear, then the most likely class (CoraNet: linear,
+    then >= 0.5). Used by get_data.py (--spacing) and --predict on the same config."""
+    size = [max(1, round(s * z)) for s, z in zip(x.shape, zoom)]
+    t = lambda v: F.interpolate(torch.as_tensor(v, dtype=torch.float32)[None, None], size,  # noqa: E731
+                                mode="trilinear", align_corners=False)[0, 0]
+    if not label:
+        return t(x).numpy()
+    classes = np.unique(x)
+    return classes[torch.stack([t(x == k) for k in classes]).argmax(0).numpy()].astype(np.uint8)
+
 def resize(x, size):
     """An image or label resized to `size`, nearest neighbour. Deviation: official ACDC uses
     scipy's zoom(order=0), which rounds some positions to the neighbouring source pixel."""
@@ -395,13 +425,14 @@ class VolumeSampler:
 
 # 7. Training: config and presets, stage 1 (pre-training), stage 2 (self-training) -----------
 
-def _f(default, help, choices=None):  # a Config field with its --help line
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+def _f(default, help, choices=None, type=int):  # a Config field with its --help line
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices,
+                                                        "type": type})  # type: of a tuple's items
 
 @dataclasses.dataclass
 class Config:
     data: str = _f("sample", "preset that sets every default",
-                   ["sample", "LA", "LA_half", "ACDC", "ACDC_cpu"])
+                   ["sample", "LA", "LA_half", "ACDC", "ACDC_cpu", "Pancreas"])
     root: str = _f("data_samples", "data folder in the official LA or the ACDC (SSL4MIS) layout")
     labeled: int = _f(2, "LA: the first N cases of train.list are labeled; ACDC: the first N "
                       "patients of train_slices.list (3 -> 68 slices, 7 -> 136)")
@@ -414,6 +445,13 @@ class Config:
     width: int = _f(8, "U-Net base width (channels of the first level)")
     dropout: float = _f(0.0, "channel dropout on the bottleneck and last features (official 0.5)")
     num_classes: int = _f(2, "classes including background")
+    class_names: tuple = _f((), "foreground class names (default: LA; RV Myo LV; 1 2 ..)", type=str)
+    norm: str = _f("zscore", "intensities of a whole scan: zscore (MR), minmax, ct (--window),"
+                   " none; get_data.py applies it to the cases it writes, --predict to every "
+                   "NIfTI scan; h5 cases are read as stored", NORMS)
+    window: tuple = _f((-125.0, 275.0), "ct: the HU window LOW HIGH mapped to [0, 1]", type=float)
+    spacing: tuple = _f((), "mm per voxel X Y Z the cases were resampled to (get_data.py "
+                        "--spacing): --predict resamples NIfTI scans to it, masks back", type=float)
     alpha: float = _f(0.5, "weight of the pseudo-labeled region of each mix (paper: 0.5)")
     beta: float = _f(2 / 3, "box side / crop side of the mask (paper: 2/3)")
     mask_center: bool = _f(False, "centre the box (default: a random place, as official)")
@@ -422,7 +460,8 @@ class Config:
     lr: float = _f(0.01, "SGD learning rate; momentum 0.9, weight decay 1e-4 (official)")
     lr_step: int = _f(2500, "self-training lr x0.1 every N iterations (official LA: 2500)")
     seed: int = _f(1337, "seed of every random draw (official: 1337)")
-    eval_split: str = _f("test", "list scored after training and by --eval: NAME.list")
+    eval_split: str = _f("test", "list scored after training and by --eval: NAME.list "
+                         "(none: no scoring)")
     eval_stride: tuple = _f((16, 16, 16), "sliding-window stride X Y Z at evaluation")
     eval_lcc: bool = _f(True, "keep the largest component of the prediction (official)")
     eval_model: str = _f("student", "weights scored at the end, by --eval and --predict: the "
@@ -444,19 +483,44 @@ PRESETS = {
     "LA_half": dict(root="data/LA_half", labeled=4, pretrain_iters=1200, selftrain_iters=2400,
                     patch=(64, 64, 48), width=16, dropout=0.5, eval_stride=(9, 9, 2),
                     lr_step=2000, out="runs/LA_half"),  # lr x0.1 for the last 400 (README)
-    "ACDC": dict(root="data/ACDC", labeled=3, num_classes=4, pretrain_iters=10000,  # official
-                 selftrain_iters=30000, patch=(256, 256), batch_size=24, width=16,  # script
-                 lr_step=10**9, eval_lcc=False, eval_split="test", out="runs/ACDC"),
-    "ACDC_cpu": dict(root="data/ACDC", labeled=3, num_classes=4, pretrain_iters=600,
-                     selftrain_iters=1200, patch=(128, 128), batch_size=16, width=16,
-                     lr_step=10**9, eval_lcc=False, eval_split="val", out="runs/ACDC_cpu"),
-}  # LA_half: LA at half resolution (get_data.py), sized for a CPU. ACDC: lr never decays
+    "ACDC": dict(root="data/ACDC", labeled=3, num_classes=4, norm="minmax",  # official script
+                 pretrain_iters=10000, selftrain_iters=30000, patch=(256, 256), batch_size=24,
+                 width=16, lr_step=10**9, eval_lcc=False, eval_split="test", out="runs/ACDC"),
+    "ACDC_cpu": dict(root="data/ACDC", labeled=3, num_classes=4, norm="minmax", out="runs/ACDC_cpu",
+                     pretrain_iters=600, selftrain_iters=1200, patch=(128, 128), batch_size=16,
+                     width=16, lr_step=10**9, eval_lcc=False, eval_split="val"),
+    "Pancreas": dict(root="data/Pancreas", labeled=12, class_names=("pancreas",), norm="ct",
+                     spacing=(1.0, 1.0, 1.0), pretrain_iters=1800, selftrain_iters=5000,
+                     patch=(96, 96, 96), width=16, eval_stride=(16, 16, 16), out="runs/Pancreas",
+                     log_every=50, ckpt_every=500),  # official: 60 x 30 + 200 x 25 iterations
+}  # LA_half: LA at half resolution (get_data.py), sized for a CPU. ACDC: lr never decays.
+# Pancreas (get_data.py pancreas): deviation, official code/pancreas uses V-Net + Adam 1e-3
 RUNTIME = {"root", "out", "device", "amp", "log_every", "ckpt_every", "eval_split",
            "eval_stride", "eval_lcc", "eval_model"}  # what --resume and --eval may change
 
+def dataset_defaults(root):
+    """-> (preset, config defaults) that get_data.py recorded in root/bcp_dataset.json for a
+    folder it made (classes, norm, window, spacing, labeled, eval split), or (None, {})."""
+    path = Path(root) / DATASET_FILE
+    if not path.is_file():
+        return None, {}
+    try:
+        d = json.loads(path.read_text())
+        fields = {f.name for f in dataclasses.fields(Config)}
+        return d.get("preset"), {k: v for k, v in d["config"].items() if k in fields}
+    except (ValueError, KeyError, AttributeError) as e:
+        raise UserError(f"{path}: not a valid {DATASET_FILE} ({e}); re-create the folder with "
+                        "get_data.py or delete the file") from None
+
 def make_config(preset="sample", **overrides):
-    merged = {**PRESETS[preset], **overrides, "data": preset}
+    """The preset's config; then what the data folder's bcp_dataset.json says; then overrides."""
+    root = overrides.get("root", PRESETS[preset].get("root", Config.root))
+    merged = {**PRESETS[preset], **dataset_defaults(root)[1], **overrides, "data": preset}
     return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()})
+
+def class_names(cfg):
+    return list(cfg.class_names or CLASS_NAMES.get(cfg.num_classes) or map(str, range(
+        1, cfg.num_classes)))
 
 def config_from_checkpoint(state, given):
     """--resume and --eval: the run's config, flags given now on top (only RUNTIME ones)."""
@@ -485,7 +549,12 @@ def check_config(cfg):
          ", --dropout in [0, 1); --lr, --labeled, --width, --lr-step, --eval-stride > 0; "
          "iterations >= 0"),
         (min(cfg.log_every, cfg.ckpt_every) >= 1 and cfg.ckpt_every % cfg.log_every == 0,
-         f"--ckpt-every {cfg.ckpt_every}: a multiple of --log-every {cfg.log_every}")] if not ok]
+         f"--ckpt-every {cfg.ckpt_every}: a multiple of --log-every {cfg.log_every}"),
+        (len(cfg.class_names) in (0, cfg.num_classes - 1), f"--class-names: one name per "
+         f"foreground class, {cfg.num_classes - 1} for --num-classes {cfg.num_classes}"),
+        (len(cfg.window) == 2 and cfg.window[0] < cfg.window[1], "--window LOW HIGH, LOW < HIGH"),
+        (not cfg.spacing or (len(cfg.spacing) == len(cfg.patch) == 3 and min(cfg.spacing) > 0),
+         "--spacing X Y Z (mm, > 0), for 3-D data only")] if not ok]
     if bad:
         raise UserError("; ".join(bad))
 
@@ -753,11 +822,15 @@ def asd(pred, gt, spacing=None):
     return surface_metrics(pred, gt, spacing)[1]
 
 @torch.no_grad()
-def predict_volume(model, image, cfg):
-    """Labels (*S) of one scan: 3-D by sliding windows; 2-D models (ACDC) slice by slice, each
-    resized to the patch and the prediction back (official test_single_volume, nearest)."""
+def predict_volume(model, image, cfg, size=None):
+    """Labels (*S) of one scan: 3-D by sliding windows (`size`: probabilities resampled to that
+    grid first, trilinear); 2-D models (ACDC) slice by slice, each resized to the patch and
+    the prediction back (official test_single_volume, nearest)."""
     if len(cfg.patch) == 3:
-        return sliding_window_predict(model, image[None], cfg.patch, cfg.eval_stride).argmax(0)
+        prob = sliding_window_predict(model, image[None], cfg.patch, cfg.eval_stride)  # (K, *S)
+        if size is not None and tuple(size) != tuple(prob.shape[1:]):
+            prob = F.interpolate(prob[None], tuple(size), mode="trilinear")[0]
+        return prob.argmax(0)
     dev = next(model.parameters()).device
     return torch.stack([resize(model(resize(sl.to(dev), cfg.patch)[None, None]).argmax(1)[0],
                                sl.shape).long() for sl in image])  # (slices, H, W)
@@ -770,7 +843,7 @@ def evaluate(model, cfg, split=None, out=None, progress=True):
     from tqdm.auto import tqdm
     cases, images, labels = load_split(cfg.root, split or cfg.eval_split, cfg.num_classes)
     model.eval()
-    names, keys, rows = CLASS_NAMES.get(cfg.num_classes, range(1, cfg.num_classes)), (
+    names, keys, rows = class_names(cfg), (
         "dice", "jaccard", "hd95", "asd"), []
     for case, image, gt in tqdm(list(zip(cases, images, labels)), "eval", disable=not progress):
         pred = predict_volume(model, torch.from_numpy(image), cfg)[None]  # (1, *S)
@@ -794,15 +867,16 @@ def evaluate(model, cfg, split=None, out=None, progress=True):
 
 # 9. Segmenting new scans: NIfTI or h5 in, NIfTI masks and volumes in mL out ----------------
 
-def read_scan(path, dims):
-    """-> (image float32 normalised as the training data, affine, header or None, voxel mm3 or
-    None). LA (3-D) trains on volumes z-scored by the preprocessing, ACDC (2-D) on images
-    scaled to [0, 1]: a scan that is not already so is z-scored / scaled here."""
+def read_scan(path, cfg):
+    """-> (image float32 as training reads its cases, affine, header or None, voxel mm3 or
+    None, the input's shape). A NIfTI scan is raw: normalised by the run's cfg.norm (the
+    function get_data.py made the cases with) and resampled to cfg.spacing if set. An h5 scan
+    is a case already prepared (as the LA and ACDC files): read as stored."""
     if path.suffix == ".h5":
         import h5py
         with h5py.File(path, "r") as f:
-            image, affine, header, voxel = np.asarray(f["image"][()], np.float32), np.eye(4), \
-                None, None
+            image, affine, header = np.asarray(f["image"][()], np.float32), np.eye(4), None
+            voxel = float(np.prod(f.attrs["spacing"])) if "spacing" in f.attrs else None
     else:
         import nibabel as nib
         nii = nib.load(str(path))
@@ -812,12 +886,12 @@ def read_scan(path, dims):
         raise ValueError(f"a {image.ndim}-D image; give one 3-D scan per file")
     if not np.isfinite(image).all():
         raise ValueError("the image holds NaN or inf values")
-    lo, hi, mean, std = image.min(), image.max(), image.mean(), image.std()
-    if dims == 3 and (abs(mean) > 0.05 or abs(std - 1) > 0.05):
-        image = (image - mean) / (std + 1e-8)
-    elif dims == 2 and (lo < 0 or hi > 1):
-        image = (image - lo) / (hi - lo + 1e-8)
-    return image, affine, header, voxel
+    shape = image.shape
+    if header is not None:
+        image = normalize(image, cfg.norm, cfg.window)
+        if cfg.spacing:  # mm per voxel of the scan / of the cases
+            image = resample(image, np.array(header.get_zooms()[:3]) / cfg.spacing)
+    return image, affine, header, voxel, shape
 
 def predict(model, cfg, source, out, rank=0, world=1, progress=True):
     """Segment every .nii/.nii.gz/.h5 scan in `source` (a file or a folder) into
@@ -833,15 +907,15 @@ def predict(model, cfg, source, out, rank=0, world=1, progress=True):
                    if p.name.endswith((".nii", ".nii.gz", ".h5")))[rank::world]
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
-    failed, rows, names = [], [], CLASS_NAMES.get(cfg.num_classes, range(1, cfg.num_classes))
+    failed, rows, names = [], [], class_names(cfg)
     for path in tqdm(scans, "predict", disable=not progress):
         name = path.name.split(".")[0]
         if (out / f"{name}.nii.gz").is_file():
             continue
         try:
-            image, affine, header, voxel = read_scan(path, len(cfg.patch))
+            image, affine, header, voxel, shape = read_scan(path, cfg)
             x = torch.from_numpy(image if len(cfg.patch) == 3 else image.transpose(2, 0, 1))
-            lab = predict_volume(model, x, cfg)[None]
+            lab = predict_volume(model, x, cfg, shape if len(cfg.patch) == 3 else None)[None]
             lab = largest_per_class(lab, cfg.num_classes) if cfg.eval_lcc else lab
             lab = lab[0].cpu().numpy().astype(np.uint8)
             lab = lab if len(cfg.patch) == 3 else lab.transpose(1, 2, 0)  # back to (H, W, slices)
@@ -874,13 +948,19 @@ def _bool(s):
 def main(argv=None):
     first = argparse.ArgumentParser(add_help=False)  # --data first: it sets the defaults shown
     first.add_argument("--data", choices=list(PRESETS))
-    data = first.parse_known_args(argv)[0].data or "sample"
-    base = make_config(data)
+    first.add_argument("--root")
+    known = first.parse_known_args(argv)[0]
+    try:  # a folder made by get_data.py names its preset: --root OUT alone picks it
+        data = known.data or (known.root and dataset_defaults(known.root)[0]) or "sample"
+        base = make_config(data, **({"root": known.root} if known.root else {}))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     p = argparse.ArgumentParser(description="Bidirectional Copy-Paste (BCP, CVPR 2023): semi-"
                                 "supervised segmentation of 3-D volumes (LA) and 2-D slices (ACDC)."
                                 f" Defaults: --data {data}'s (`--data NAME --help`: another's).")
     for f in dataclasses.fields(Config):  # given flags are not None: told apart from defaults
-        kw = (dict(type=int, nargs="+", metavar="N") if isinstance(f.default, tuple)
+        kw = (dict(type=f.metadata["type"], nargs="+") if isinstance(f.default, tuple)
               else {"type": _bool if isinstance(f.default, bool) else type(f.default)})
         d = getattr(base, f.name)
         shown = " ".join(map(str, d)) if isinstance(d, tuple) else f"{d:.4g}" if isinstance(
@@ -895,7 +975,7 @@ def main(argv=None):
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()
              if k not in ("data", "resume", "eval", "predict", "ckpt") and v is not None}
     try:
-        cfg, state, extra = make_config(args.data or "sample", **given), None, {}
+        cfg, state, extra = make_config(data, **given), None, {}
         if args.eval or args.predict:  # writes beside the checkpoint, never over the run's own
             if args.predict and not args.ckpt:
                 raise UserError("--predict needs --ckpt CKPT (a checkpoint of a training run)")
@@ -912,11 +992,19 @@ def main(argv=None):
                                     f" `python get_data.py {cfg.data} --root {cfg.root}`")
                 import get_data  # the default root is missing: fetch it (helper beside us)
                 get_data.prepare(cfg.data, cfg.root)
+            if cfg.eval_split != "none":  # a missing list found now, not after the training
+                read_list(cfg.root, cfg.eval_split, cfg.num_classes)
             t0 = time.time()
             if train(cfg, state).rank:
                 return 0  # under torchrun the first process evaluates
             extra = {"train_seconds": round(time.time() - t0, 1)}
             state = load_checkpoint(Path(cfg.out) / "final.pt")  # scored as --eval scores it
+        if not args.predict and cfg.eval_split == "none":  # a folder without held-out labels
+            if args.eval:
+                raise UserError("--eval: give --eval-split NAME (a list of labeled cases)")
+            (Path(cfg.out) / "metrics.json").write_text(json.dumps(extra, indent=2))
+            print(f"trained into {cfg.out} (--eval-split none: not scored; --predict scans)")
+            return 0
         rank, world = dist_setup(cfg) if args.predict else (0, 1)  # torchrun: share scans
         model = make_model(cfg, pick_device(cfg.device))
         use = "teacher" if cfg.eval_model == "teacher" and state["teacher"] else "student"

@@ -131,29 +131,29 @@ def test_predict_takes_every_scan_eval_takes(tiny_data, trained, tmp_path):
     nib.save(nib.Nifti1Image(image, AFFINE), str(tmp_path / "in" / "thin.nii.gz"))
     assert bm.predict(model, cfg, tmp_path / "in", tmp_path / "out", progress=False) == []
     pred = np.asarray(nib.load(str(tmp_path / "out" / "thin.nii.gz")).dataobj)
-    x = bm.read_scan(tmp_path / "in" / "thin.nii.gz", 3)[0]  # normalised as predict reads it
+    x = bm.read_scan(tmp_path / "in" / "thin.nii.gz", cfg)[0]  # normalised as predict reads it
     want = bm.largest_per_class(bm.predict_volume(model.eval(), torch.from_numpy(x), cfg)[None], 2)[0]
     assert want.any()
     assert pred.shape == image.shape and np.array_equal(pred, want.numpy())
 
 
-@pytest.mark.parametrize("dims", [3, 2])
-def test_read_scan_normalises_as_the_training_data(tmp_path, dims):
-    """3-D (LA): a scan not z-scored is z-scored, one already z-scored is left as it is.
-    2-D (ACDC): a scan outside [0, 1] is scaled to [0, 1], one inside is left as it is."""
+@pytest.mark.parametrize("norm", bm.NORMS)
+def test_read_scan_normalises_nifti_by_the_run_and_reads_h5_as_stored(tmp_path, norm):
+    """A NIfTI scan is raw: normalised by the run's norm, each by its own formula (not merely
+    'some' normalisation: a z-scored scan differs from a min-max one). An h5 scan is a prepared
+    case: read as stored, whatever the norm."""
     rng = np.random.default_rng(0)
-    raw = (rng.normal(size=(20, 16, 12)) * 30 + 200).astype(np.float32)  # raw MR intensities
+    raw = (rng.normal(size=(20, 16, 12)) * 300 + 40).astype(np.float32)  # CT-like: HU around 40
     nib.save(nib.Nifti1Image(raw, np.eye(4)), str(tmp_path / "raw.nii.gz"))
-    image = bm.read_scan(tmp_path / "raw.nii.gz", dims)[0]
-    if dims == 3:
-        assert abs(image.mean()) < 1e-4 and abs(image.std() - 1) < 1e-3
-        ready = (raw - raw.mean()) / raw.std()
-    else:
-        assert image.min() == pytest.approx(0, abs=1e-6) and image.max() == pytest.approx(1, abs=1e-6)
-        ready = (raw - raw.min()) / (raw.max() - raw.min())
-    np.testing.assert_allclose(image, (raw - raw.mean()) / raw.std() if dims == 3 else ready, rtol=1e-4, atol=1e-4)
-    nib.save(nib.Nifti1Image(ready.astype(np.float32), np.eye(4)), str(tmp_path / "ready.nii.gz"))
-    assert np.array_equal(bm.read_scan(tmp_path / "ready.nii.gz", dims)[0], ready.astype(np.float32))
+    cfg = bm.make_config("sample", norm=norm, window=(-100.0, 300.0))
+    image = bm.read_scan(tmp_path / "raw.nii.gz", cfg)[0]
+    x = raw.astype(np.float64)
+    want = {"zscore": (x - x.mean()) / x.std(), "minmax": (x - x.min()) / (x.max() - x.min()),
+            "ct": (np.clip(x, -100, 300) + 100) / 400, "none": x}[norm]
+    np.testing.assert_allclose(image, want, rtol=1e-5, atol=1e-5)
+    with h5py.File(tmp_path / "case.h5", "w") as f:
+        f["image"] = raw
+    assert np.array_equal(bm.read_scan(tmp_path / "case.h5", cfg)[0], raw)
 
 
 class Threshold(torch.nn.Module):
