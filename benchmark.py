@@ -6,6 +6,7 @@ self-training iteration spends its time, sliding-window evaluation, and the metr
     python benchmark.py --eval-root DIR --metrics             # evaluation time per case; vs medpy
     python benchmark.py --gpu-check                           # the paper config's it/s, memory
     python benchmark.py --official ../BCP --root data/LA_half   # side by side, below
+    python benchmark.py --official ../BCP --data ACDC_cpu --root data/ACDC --seed 2  # ACDC, too
 
 Side by side (--official DIR, a checkout of github.com/DeepMed-Lab-ECNU/BCP kept outside this
 project): on the same machine and --device (auto: CUDA if there is one, else CPU, where the
@@ -18,6 +19,11 @@ where a CPU and this comparison need it: the file edits of OFFICIAL_PATCHES (eac
 made) and driver.py, written beside them (DRIVER: on a CPU .cuda() becomes a no-op, torchvision's
 Compose is replaced by 5 lines, and the test-set checkpoint selection is switched off so that the
 last checkpoint is scored). It needs `pip install scikit-image tensorboardX pyyaml`.
+ACDC (--data ACDC_cpu): the official ACDC_BCP_train.py at the ACDC_cpu budget (crop, batch,
+iterations, 3 labeled patients), patched by OFFICIAL_ACDC_PATCHES and driven by ACDC_DRIVER (its
+every-200-iterations selection on val.list switched off: the last checkpoint is scored; no
+DataLoader worker processes on a CPU); both final students scored by bm.evaluate on val.list.
+Every result names the CPU model and its AMX / AVX512-BF16 flags (cpu_info).
 
 Step times are medians over --iters iterations after --warmup, of bm.train_step itself (the
 function the training loop calls). The parts of a self-training iteration (teacher forward,
@@ -204,6 +210,142 @@ json.dump({"pretrain_s": t1 - t0, "selftrain_s": t2 - t1}, open("times.json", "w
 """
 
 
+OFFICIAL_ACDC_PATCHES = [  # (file, old, new, why): the only changes made to the official code
+    ("ACDC_BCP_train.py", "default=[256, 256], help='patch size of network input'",
+     "default=[int(v) for v in os.environ['BCP_PATCH'].split(',')], help='patch'",
+     "the crop of the compared budget (a `type=list` flag cannot be given on a command line)"),
+    ("ACDC_BCP_train.py", "shutil.copy('../code/ACDC_BCP_train.py', self_snapshot_path)", "pass",
+     "the copy of itself expects the folder to be named code/"),
+]
+
+
+ACDC_DRIVER = """
+import itertools, json, os, runpy, sys, time, types
+import torch, torch.nn as nn
+import torch.utils.data as tud
+if os.environ.get("BCP_DEVICE") != "cuda":  # CPU: .cuda() is a no-op; load in the main process
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    nn.Module.cuda = lambda self, *a, **k: self
+    class Loader(tud.DataLoader):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **{**k, "num_workers": 0, "pin_memory": False})
+    tud.DataLoader = Loader
+for name in ("cv2", "imageio"):  # imported, never used by the training
+    sys.modules.setdefault(name, types.ModuleType(name))
+class Compose:  # all the official script takes from torchvision
+    def __init__(self, fs): self.fs = fs
+    def __call__(self, x):
+        for f in self.fs: x = f(x)
+        return x
+sys.modules["torchvision"] = types.SimpleNamespace(transforms=types.SimpleNamespace(Compose=Compose))
+sys.path.insert(0, os.getcwd())
+from utils import val_2d
+count = itertools.count(1)  # no val-set selection: every evaluation "improves", the last wins
+val_2d.test_single_volume = lambda image, label, model, classes, **k: [[float(next(count)), 0.0]] * (classes - 1)
+sys.argv = ["ACDC_BCP_train.py"] + sys.argv[1:]
+g = runpy.run_path("ACDC_BCP_train.py", run_name="official")  # definitions, not the main block
+args, env = g["args"], g["pre_train"].__globals__
+import random, numpy as np
+random.seed(args.seed); np.random.seed(args.seed); torch.manual_seed(args.seed)  # as its main
+pre, selft = "model/pre_train", "model/self_train"
+for d in (pre, selft):
+    os.makedirs(d, exist_ok=True)
+env["pre_snapshot_path"] = pre
+t0 = time.time(); g["pre_train"](args, pre); t1 = time.time()
+g["self_train"](args, pre, selft); t2 = time.time()
+json.dump({"pretrain_s": t1 - t0, "selftrain_s": t2 - t1}, open("times.json", "w"))
+"""
+
+
+def cpu_info():
+    """-> 'CPU model name, N cores; AMX yes/no, AVX512-BF16 yes/no' (Linux /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
+                 if ln.startswith("model name")), platform.processor())
+    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines()
+                      if ln.startswith("flags")), []))
+    yes = lambda f: "yes" if f in flags else "no"  # noqa: E731
+    return (f"{name}, {os.cpu_count()} cores; AMX {yes('amx_tile')}, AVX512-BF16 "
+            f"{yes('avx512_bf16')}")
+
+
+def side_by_side_acdc(a):
+    """ACDC: the official ACDC script and bcp_minimal at one budget, one after the other (or
+    the other's finished run from --work); both final students scored on val.list alike."""
+    work = Path(a.work or tempfile.mkdtemp(prefix="bcp_acdc_side_by_side_"))
+    root = Path(a.root).resolve()
+    if "ACDC" not in str(root):  # the official patients_to_slices looks for it in the path
+        raise SystemExit(f"{root}: the official ACDC script needs 'ACDC' in the data path")
+    cfg = bm.make_config("ACDC_cpu", root=str(root), seed=a.seed, device="cpu", eval_split="val")
+    if cfg.pretrain_iters % 200 or cfg.selftrain_iters % 200:
+        raise SystemExit("the official script saves every 200 iterations: budgets of 200s")
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "BCP_DEVICE": "cpu",
+           "BCP_PATCH": ",".join(map(str, cfg.patch))}
+    code, rows = work / "official", []
+
+    def official():
+        shutil.copytree(Path(a.official) / "code", code, dirs_exist_ok=True)
+        for rel, old, new, why in OFFICIAL_ACDC_PATCHES:
+            text = (code / rel).read_text()
+            if old not in text:
+                raise SystemExit(f"{code / rel}: expected `{old}`; a different official version?")
+            (code / rel).write_text(text.replace(old, new))
+            print(f"official patch, {rel}: `{old}` -> `{new}` ({why})")
+        (code / "driver.py").write_text(ACDC_DRIVER)
+        subprocess.run([sys.executable, "driver.py", "--root_path", str(root), "--labelnum",
+                        str(cfg.labeled), "--pre_iterations", str(cfg.pretrain_iters),
+                        "--max_iterations", str(cfg.selftrain_iters), "--batch_size",
+                        str(cfg.batch_size), "--labeled_bs", str(cfg.batch_size // 2), "--seed",
+                        str(a.seed)], cwd=code, env=env, check=True)
+
+    wall = run_once(code, official, bool(a.official) and a.only != "bcp_minimal")
+    if wall is not None:
+        times = json.loads((code / "times.json").read_text())
+        sys.path.insert(0, str(code))
+        from networks.unet import UNet_2d
+
+        net = UNet_2d(in_chns=1, class_num=4)
+        net.load_state_dict(torch.load(code / "model/self_train/unet_best_model.pth",
+                                       map_location="cpu"))
+        rows.append(("official BCP (UNet_2d)", times["pretrain_s"], times["selftrain_s"], wall,
+                     net))
+    out = work / "bcp_minimal"
+    flags = ["--data", "ACDC_cpu", "--root", str(root), "--seed", str(a.seed), "--device", "cpu",
+             "--out", str(out)]
+    wall = run_once(out, lambda: subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "bcp_minimal.py"), *flags], env=env,
+        check=True), a.only != "official")
+    if wall is not None:
+        log = list(csv.DictReader(open(out / "log.csv")))
+        t_pre = max(float(r["seconds"]) for r in log if r["stage"] == "pretrain")
+        model = bm.make_model(cfg)
+        model.load_state_dict(bm.load_checkpoint(out / "final.pt")["model"])
+        rows.append(("bcp_minimal ACDC_cpu (U-Net)", t_pre, float(log[-1]["seconds"]) - t_pre,
+                     wall, model))
+    print(f"\nACDC, {cfg.labeled} labeled patients, {cfg.pretrain_iters} + "
+          f"{cfg.selftrain_iters} iterations, crop {cfg.patch}, batch {cfg.batch_size}, seed "
+          f"{a.seed}; {a.threads} threads, {cpu_info()}; scored on val.list, last checkpoints\n")
+    print("| run | s/it pre-train | s/it self-train | wall (min) | val Dice | RV | Myo | LV | "
+          "val 95HD |\n|---|---|---|---|---|---|---|---|---|")
+    result = []
+    for name, tp, ts, wall, net in rows:
+        m = bm.evaluate(net, cfg, progress=False)
+        c = m["classes"]
+        print(f"| {name} | {tp / cfg.pretrain_iters:.2f} | {ts / cfg.selftrain_iters:.2f} | "
+              f"{wall / 60:.1f} | {m['dice']:.4f} | {c['RV']['dice']:.3f} | "
+              f"{c['Myo']['dice']:.3f} | {c['LV']['dice']:.3f} | {m['hd95']:.2f} |")
+        result.append({"run": name, "pretrain_s": tp, "selftrain_s": ts, "wall_s": wall,
+                       "seed": a.seed, "machine": cpu_info(), "threads": a.threads, **{
+                           f"val_{k}": m[k] for k in ("dice", "jaccard", "hd95", "asd")},
+                       "val_classes": c})
+    (work / "side_by_side.json").write_text(json.dumps(result, indent=2))
+    print(f"\nall files in {work}")
+    return result
+
+
 def split_root(src, dst, n_val):
     """dst: the cases of src, train.list minus its last n_val cases, those as val.list, and
     src's test.list (neither program ever reads val.list or test.list while training)."""
@@ -315,7 +457,7 @@ def side_by_side(a):
             {torch.bfloat16: "bf16", torch.float16: "fp16"}[ctx.fast_dtype]
             + " (AMX)" * (device.type == "cpu"))
     where = (torch.cuda.get_device_name() if device.type == "cuda" else
-             f"{a.threads} threads, {platform.processor() or 'cpu'}")
+             f"{a.threads} threads, {cpu_info()}")
     print(f"\n{a.labeled} labeled, {a.pretrain_iters} + {a.selftrain_iters} iterations, patch "
           f"{a.patch}, {where}; official fp32, bcp_minimal {prec}; held-out: {a.val} validation "
           f"cases (end of train.list) and test.list; the same fp32 evaluation for both\n")
@@ -355,6 +497,8 @@ def main(argv=None):
     p.add_argument("--json", help="also write the results to this file")
     side = p.add_argument_group("side by side with the official code")
     side.add_argument("--official", help="checkout of the official BCP repository (side by side)")
+    side.add_argument("--data", choices=["LA_half", "ACDC_cpu"], default="LA_half",
+                      help="LA_half (the official LA script) or ACDC_cpu (the ACDC one)")
     side.add_argument("--side-by-side", action="store_true", help="the side-by-side run, with "
                       "--official or (without it) bcp_minimal alone")
     side.add_argument("--labeled", type=int, default=4)
@@ -373,6 +517,8 @@ def main(argv=None):
             p.error("--official needs --root (data in the official LA layout)")
         if a.only == "official" and not a.official:
             p.error("--only official needs --official DIR (a checkout of the official code)")
+        if a.data == "ACDC_cpu":
+            return side_by_side_acdc(a)
         a.patch = a.patch if a.patch != [112, 112, 80] else [64, 64, 48]
         a.eval_stride = a.eval_stride if a.eval_stride != [18, 18, 4] else [9, 9, 2]
         return side_by_side(a)
@@ -382,7 +528,7 @@ def main(argv=None):
     cfg = bm.make_config("LA", patch=tuple(a.patch), batch_size=a.batch_size, width=a.width,
                          amp=a.amp, device=str(device))
     res = {"machine": {"device": torch.cuda.get_device_name() if device.type == "cuda"
-                       else platform.processor() or "cpu", "threads": torch.get_num_threads(),
+                       else cpu_info(), "threads": torch.get_num_threads(),
                        "torch": torch.__version__},
            "config": {"patch": a.patch, "batch_size": a.batch_size, "width": a.width,
                       "data": a.root or "synthetic"}}
