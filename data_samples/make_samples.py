@@ -89,5 +89,48 @@ def make_sample_data(root="data_samples", n_train=16, n_test=4, n_val=4, shape=(
     return root
 
 
+def make_heart_slice(rng, shape):
+    """A 2-D 'cardiac' slice: LV (3) inside Myo (2) and an RV (1) beside it; image ~ label/3 +
+    noise, in [0, 1] roughly as the SSL4MIS ACDC slices."""
+    X, Y = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    c = np.array(shape) / 2 + rng.uniform(-3, 3, 2)
+    r = np.hypot(X - c[0], Y - c[1])
+    lab = np.zeros(shape, np.uint8)
+    lab[r < 9] = 2
+    lab[r < 6] = 3
+    lab[np.hypot(X - c[0] - 12, Y - c[1]) < 5] = 1
+    return (lab / 3 + rng.normal(0, 0.05, shape)).astype(np.float32), lab
+
+
+def make_acdc_samples(root, flat=False, patients=5, slices=3, shape=(40, 36), seed=0) -> Path:
+    """A small synthetic ACDC in the SSL4MIS layout: per patient two frames (volumes of `slices`
+    slices) in data/, their slices in data/slices/ (flat=True: all in data/); the first
+    patients - 2 train (train_slices.list), then 2 volumes val.list, 2 test.list."""
+    import h5py
+
+    root, rng = Path(root), np.random.default_rng(seed)
+    data = root / "data"
+    (data if flat else data / "slices").mkdir(parents=True, exist_ok=True)
+    train, vols = [], []
+    for p in range(1, patients + 1):
+        for frame in (1, 2):
+            vol = f"patient{p:03d}_frame0{frame}"
+            ims, lbs = zip(*[make_heart_slice(rng, shape) for _ in range(slices)])
+            with h5py.File(data / f"{vol}.h5", "w") as f:
+                f["image"], f["label"] = np.stack(ims), np.stack(lbs)
+            for k in range(slices):
+                name = f"{vol}_slice_{k}"
+                with h5py.File((data if flat else data / "slices") / f"{name}.h5", "w") as f:
+                    f["image"], f["label"] = ims[k], lbs[k]
+                if p <= patients - 2:
+                    train.append(name)
+            vols.append(vol)
+    (root / "train_slices.list").write_text("\n".join(train) + "\n")
+    (root / "train.list").write_text("\n".join(vols[:-4]) + "\n")
+    (root / "val.list").write_text("\n".join(vols[-4:-2]) + "\n")
+    (root / "test.list").write_text("\n".join(vols[-2:]) + "\n")
+    return root
+
+
 if __name__ == "__main__":
     print(f"wrote {make_sample_data(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent)}")

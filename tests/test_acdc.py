@@ -8,45 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import SHARED_DATA
+from make_samples import make_acdc_samples
 
 import bcp_minimal as bm
 
 
-def _heart(rng, shape):
-    """A slice with LV (3) inside Myo (2) and an RV (1) beside it; image ~ label + noise."""
-    X, Y = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
-    c = np.array(shape) / 2 + rng.uniform(-3, 3, 2)
-    r = np.hypot(X - c[0], Y - c[1])
-    lab = np.zeros(shape, np.uint8)
-    lab[r < 9] = 2
-    lab[r < 6] = 3
-    lab[np.hypot(X - c[0] - 12, Y - c[1]) < 5] = 1
-    return (lab / 3 + rng.normal(0, 0.05, shape)).astype(np.float32), lab
-
-
 def make_acdc(root, flat=False, patients=5, slices=3, shape=(40, 36)):
-    rng = np.random.default_rng(0)
-    data = root / "data"
-    (data if flat else data / "slices").mkdir(parents=True, exist_ok=True)
-    train, vols = [], []
-    for p in range(1, patients + 1):
-        for frame in (1, 2):
-            vol = f"patient{p:03d}_frame0{frame}"
-            ims, lbs = zip(*[_heart(rng, shape) for _ in range(slices)])
-            with h5py.File(data / f"{vol}.h5", "w") as f:
-                f["image"], f["label"] = np.stack(ims), np.stack(lbs)
-            for k in range(slices):
-                name = f"{vol}_slice_{k}"
-                with h5py.File((data if flat else data / "slices") / f"{name}.h5", "w") as f:
-                    f["image"], f["label"] = ims[k], lbs[k]
-                if p <= patients - 2:
-                    train.append(name)
-            vols.append(vol)
-    (root / "train_slices.list").write_text("\n".join(train) + "\n")
-    (root / "train.list").write_text("\n".join(vols[:-4]) + "\n")
-    (root / "val.list").write_text("\n".join(vols[-4:-2]) + "\n")
-    (root / "test.list").write_text("\n".join(vols[-2:]) + "\n")
-    return root
+    return make_acdc_samples(root, flat, patients, slices, shape)
 
 
 FAST = dict(pretrain_iters=2, selftrain_iters=2, patch=(32, 32), batch_size=8, width=2,
