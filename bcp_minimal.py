@@ -910,6 +910,7 @@ def predict(model, cfg, source, out, rank=0, world=1, progress=True):
     failed, rows, names = [], [], class_names(cfg)
     for path in tqdm(scans, "predict", disable=not progress):
         name = path.name.split(".")[0]
+        name = name[:-5] if name.endswith("_0000") else name  # nnU-Net's channel 0: the case
         if (out / f"{name}.nii.gz").is_file():
             continue
         try:
