@@ -26,3 +26,11 @@ def tiny_cfg(root, out, **kw):
                 eval_stride=(8, 8, 8), device="cpu")
     base.update(kw)
     return bm.make_config("sample", **base)
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_data, tmp_path_factory):
+    """One small trained run (20 + 20 iterations) shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("run")
+    bm.train(tiny_cfg(tiny_data, out, pretrain_iters=20, selftrain_iters=20, width=4), progress=False)
+    return out / "final.pt"

@@ -33,15 +33,10 @@ def test_two_processes_average_gradients_resume_and_keep_one_teacher(tiny_data, 
     assert [r["loss"] for r in logs["straight"]] == [r["loss"] for r in logs["killed"]]
 
 
-def test_two_process_predict_writes_each_scan_once(tiny_data, tmp_path):
+def test_two_process_predict_writes_each_scan_once(tiny_data, trained, tmp_path):
     import h5py
     from test_predict import AFFINE
 
-    r = subprocess.run([sys.executable, str(ROOT / "bcp_minimal.py"), "--root", str(tiny_data), "--out",
-                        str(tmp_path / "run"), "--pretrain-iters", "3", "--selftrain-iters", "3", "--patch",
-                        "16", "16", "16", "--width", "2", "--eval-stride", "8", "8", "8", "--device", "cpu"],
-                       capture_output=True, text=True, timeout=600, env=ENV)
-    assert r.returncode == 0, r.stderr[-2000:]
     scans = tmp_path / "in"
     scans.mkdir()
     for case in (tiny_data / "train.list").read_text().split()[:5]:
@@ -50,7 +45,7 @@ def test_two_process_predict_writes_each_scan_once(tiny_data, tmp_path):
     outs = {}
     for n, cmd in [(1, [sys.executable]), (2, TORCHRUN)]:
         r = subprocess.run(cmd + [str(ROOT / "bcp_minimal.py"), "--predict", str(scans), "--ckpt",
-                                  str(tmp_path / "run" / "final.pt"), "--out", str(tmp_path / f"p{n}")],
+                                  str(trained), "--out", str(tmp_path / f"p{n}")],
                            capture_output=True, text=True, timeout=600, env=ENV)
         assert r.returncode == 0, r.stderr[-3000:]
         rows = list(csv.DictReader(open(tmp_path / f"p{n}" / "volumes.csv")))

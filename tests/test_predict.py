@@ -6,18 +6,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_cfg
 
 import bcp_minimal as bm
 
 nib = pytest.importorskip("nibabel")
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    bm.train(tiny_cfg(tiny_data, out, pretrain_iters=20, selftrain_iters=20, width=4), progress=False)
-    return out / "final.pt"
 
 
 AFFINE = np.array([[0.0, -1.25, 0, 30], [1.25, 0, 0, -12], [0, 0, 2.5, 7], [0, 0, 0, 1]])
