@@ -987,13 +987,15 @@ def main(argv=None):
         else:
             if args.resume:
                 cfg, state = resume_run(cfg.out, given)
-            elif cfg.data != "sample" and "root" not in given and not Path(cfg.root).is_dir():
+            check_config(cfg)  # the flags first, then the data (the eval list: now, not later)
+            if not args.resume and cfg.data != "sample" and "root" not in given and not Path(
+                    cfg.root).is_dir():
                 if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # not N downloads into one folder
                     raise UserError(f"{cfg.root} is missing; under torchrun fetch it first, once:"
                                     f" `python get_data.py {cfg.data} --root {cfg.root}`")
                 import get_data  # the default root is missing: fetch it (helper beside us)
                 get_data.prepare(cfg.data, cfg.root)
-            if cfg.eval_split != "none":  # a missing list found now, not after the training
+            if cfg.eval_split != "none":
                 read_list(cfg.root, cfg.eval_split, cfg.num_classes)
             t0 = time.time()
             if train(cfg, state).rank:
