@@ -182,19 +182,22 @@ OFFICIAL_PATCHES = [  # (file, old, new, why): the only changes made to the offi
      "a checkpoint at the end of each stage also for budgets that are not multiples of 200"),
 ]
 
-DRIVER = """
+DRIVER_PRELUDE = """
 import itertools, json, logging, os, runpy, sys, time, types
 import torch, torch.nn as nn
 if os.environ.get("BCP_DEVICE") != "cuda":  # CPU: .cuda() is a no-op
     torch.Tensor.cuda = lambda self, *a, **k: self
     nn.Module.cuda = lambda self, *a, **k: self
-class Compose:  # all the official script takes from torchvision
+class Compose:  # all the official scripts take from torchvision
     def __init__(self, fs): self.fs = fs
     def __call__(self, x):
         for f in self.fs: x = f(x)
         return x
 sys.modules["torchvision"] = types.SimpleNamespace(transforms=types.SimpleNamespace(Compose=Compose))
 sys.path.insert(0, os.getcwd())
+"""  # the start of both drivers
+
+DRIVER = DRIVER_PRELUDE + """
 from utils import test_3d_patch
 count = itertools.count(1)  # no test-set selection: every evaluation "improves", the last wins
 test_3d_patch.var_all_case_LA = lambda *a, **k: float(next(count))
@@ -219,26 +222,15 @@ OFFICIAL_ACDC_PATCHES = [  # (file, old, new, why): the only changes made to the
 ]
 
 
-ACDC_DRIVER = """
-import itertools, json, os, runpy, sys, time, types
-import torch, torch.nn as nn
+ACDC_DRIVER = DRIVER_PRELUDE + """
 import torch.utils.data as tud
-if os.environ.get("BCP_DEVICE") != "cuda":  # CPU: .cuda() is a no-op; load in the main process
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    nn.Module.cuda = lambda self, *a, **k: self
+if os.environ.get("BCP_DEVICE") != "cuda":  # CPU: load in the main process
     class Loader(tud.DataLoader):
         def __init__(self, *a, **k):
             super().__init__(*a, **{**k, "num_workers": 0, "pin_memory": False})
     tud.DataLoader = Loader
 for name in ("cv2", "imageio"):  # imported, never used by the training
     sys.modules.setdefault(name, types.ModuleType(name))
-class Compose:  # all the official script takes from torchvision
-    def __init__(self, fs): self.fs = fs
-    def __call__(self, x):
-        for f in self.fs: x = f(x)
-        return x
-sys.modules["torchvision"] = types.SimpleNamespace(transforms=types.SimpleNamespace(Compose=Compose))
-sys.path.insert(0, os.getcwd())
 from utils import val_2d
 count = itertools.count(1)  # no val-set selection: every evaluation "improves", the last wins
 val_2d.test_single_volume = lambda image, label, model, classes, **k: [[float(next(count)), 0.0]] * (classes - 1)
@@ -287,14 +279,7 @@ def side_by_side_acdc(a):
     code, rows = work / "official", []
 
     def official():
-        shutil.copytree(Path(a.official) / "code", code, dirs_exist_ok=True)
-        for rel, old, new, why in OFFICIAL_ACDC_PATCHES:
-            text = (code / rel).read_text()
-            if old not in text:
-                raise SystemExit(f"{code / rel}: expected `{old}`; a different official version?")
-            (code / rel).write_text(text.replace(old, new))
-            print(f"official patch, {rel}: `{old}` -> `{new}` ({why})")
-        (code / "driver.py").write_text(ACDC_DRIVER)
+        patch_official(a.official, code, OFFICIAL_ACDC_PATCHES, ACDC_DRIVER)
         subprocess.run([sys.executable, "driver.py", "--root_path", str(root), "--labelnum",
                         str(cfg.labeled), "--pre_iterations", str(cfg.pretrain_iters),
                         "--max_iterations", str(cfg.selftrain_iters), "--batch_size",
@@ -360,15 +345,17 @@ def split_root(src, dst, n_val):
     return dst, len(train) - n_val
 
 
-def patch_official(official, work):
-    """Copy the official code/ folder to work/ and apply OFFICIAL_PATCHES (each must match)."""
+def patch_official(official, work, patches=OFFICIAL_PATCHES, driver=DRIVER):
+    """Copy the official code/ folder to work/, apply `patches` (each must match, each printed)
+    and write `driver` as work/driver.py."""
     shutil.copytree(Path(official) / "code", work, dirs_exist_ok=True)
-    for rel, old, new, _ in OFFICIAL_PATCHES:
+    for rel, old, new, why in patches:
         text = (work / rel).read_text()
         if old not in text:
             raise SystemExit(f"{work / rel}: expected `{old}`; a different official version?")
         (work / rel).write_text(text.replace(old, new))
-    (work / "driver.py").write_text(DRIVER)
+        print(f"official patch, {rel}: `{old}` -> `{new}` ({why})")
+    (work / "driver.py").write_text(driver)
 
 
 class _Logits(torch.nn.Module):
@@ -414,8 +401,6 @@ def side_by_side(a):
 
     def official():
         patch_official(a.official, code)
-        for rel, old, new, why in OFFICIAL_PATCHES:
-            print(f"official patch, {rel}: `{old}` -> `{new}` ({why})")
         subprocess.run([sys.executable, "driver.py", "--root_path", str(root.resolve()),
                         "--labelnum", str(a.labeled), "--max_samples", str(n_train),
                         "--pre_max_iteration", str(a.pretrain_iters), "--self_max_iteration",
