@@ -369,17 +369,28 @@ def resize(x, size):
     scipy's zoom(order=0), which rounds some positions to the neighbouring source pixel."""
     return F.interpolate(x[None, None].float(), size=tuple(size), mode="nearest")[0, 0]
 
+def rotate_nearest(v, degrees):
+    """v (X, Y, *rest) turned by `degrees` in (X, Y) about its centre, nearest neighbour, zeros
+    outside: scipy.ndimage.rotate(v, degrees, order=0, reshape=False), as official ACDC."""
+    a, (X, Y) = math.radians(degrees), v.shape[:2]
+    theta = torch.tensor([[[math.cos(a), -math.sin(a) * X / Y, 0],  # grid_sample's coordinates
+                           [math.sin(a) * Y / X, math.cos(a), 0]]], device=v.device)  # are (y, x)
+    x = v.reshape(X, Y, -1).permute(2, 0, 1)[None].float()  # (1, rest, X, Y)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, "nearest", "zeros", align_corners=False)  # (1, rest, X, Y)
+    return out[0].permute(1, 2, 0).reshape(v.shape).to(v.dtype)
+
 class VolumeSampler:
     """Training crops of volumes (or slices) held on the device, with the official LA
     augmentation: a random 90-degree rotation in (x, y), a flip along x or y, a random crop.
     Padding (3-D, official RandomCrop): if a side is <= the patch's, every side gets
     max((patch - side) // 2 + 3, 0) zeros at both ends, so a crop moves up to 6 voxels even
     along LA_half's 44 slices (patch 48); `margin=0` (2-D) pads just to the patch. `queue`: the
-    rest of the current pass. labels=None: unlabeled, none held. Deviation for ACDC: the same
-    rotation + flip every time (official: half the time, and a rotation <= 20 deg a quarter)."""
+    rest of the current pass. labels=None: unlabeled, none held. rotate=R > 0 (ACDC presets:
+    20): the official ACDC augmentation instead, see pose()."""
 
-    def __init__(self, images, labels, patch, device, generator, margin=None):
-        self.patch, self.g, self.queue = tuple(patch), generator, []
+    def __init__(self, images, labels, patch, device, generator, margin=None, rotate=0):
+        self.patch, self.g, self.queue, self.rotate = tuple(patch), generator, [], rotate
         margin = (3 if len(patch) == 3 else 0) if margin is None else margin
         side = max(patch[:2])  # a rotation swaps x and y: pad both to the larger side
         target, self.images = (side, side, *patch[2:]), []
@@ -397,17 +408,28 @@ class VolumeSampler:
     def randint(self, high):
         return int(torch.randint(0, high, (1,), generator=self.g))
 
+    def pose(self):
+        """-> (quarter turns k, flip axis or None, angle in degrees) of one draw. rotate = 0:
+        official LA RandomRotFlip, a turn and a flip every draw. rotate = R: official ACDC
+        RandomGenerator, a turn and a flip half the time, else half the time a rotation by an
+        integer angle in [-R, R) (R = 20), else as is (docs/choices.md: +4 points on ACDC)."""
+        if not self.rotate or self.randint(2):
+            return self.randint(4), self.randint(2), 0
+        return 0, None, self.randint(2 * self.rotate) - self.rotate if self.randint(2) else 0
+
     def sample(self, i):
         """-> (image, label) crops of the patch's shape (label None where none is held)."""
-        k, flip = self.randint(4), self.randint(2)  # official RandomRotFlip
+        k, flip, angle = self.pose()
         p = self.patch
         size = (p[1], p[0], *p[2:]) if k % 2 else p  # the crop before the rotation
         # corner in [0, s - c]. Deviation: official RandomCrop draws from [0, s - c), never
         # ending a crop at the far border (measured on the phantoms: docs/choices.md)
         corner = [self.randint(s - c + 1) for s, c in zip(self.images[i].shape, size)]
         crop = tuple(slice(a, a + c) for a, c in zip(corner, size))
-        return tuple(None if v is None else torch.rot90(v[crop], k, (0, 1)).flip(flip)
-                     for v in (self.images[i], self.labels and self.labels[i]))
+        out = [None if v is None else torch.rot90(v[crop], k, (0, 1))
+               for v in (self.images[i], self.labels and self.labels[i])]
+        return tuple(None if v is None else rotate_nearest(v, angle) if angle else
+                     v if flip is None else v.flip(flip) for v in out)
 
     def batch(self, indices):
         """-> images (B, 1, *patch) float, labels (B, *patch) long (None: unlabeled)."""
@@ -444,6 +466,9 @@ class Config:
     batch_size: int = _f(8, "crops per iteration: half labeled, half unlabeled")
     width: int = _f(8, "U-Net base width (channels of the first level)")
     dropout: float = _f(0.0, "channel dropout on the bottleneck and last features (official 0.5)")
+    rotate: int = _f(0, "augmentation. 0: a 90-degree turn and a flip every draw (official "
+                     "LA); R: half the draws so, a quarter turned by an integer angle in [-R, R) "
+                     "degrees (official ACDC: 20)")
     num_classes: int = _f(2, "classes including background")
     class_names: tuple = _f((), "foreground class names (default: LA; RV Myo LV; 1 2 ..)", type=str)
     norm: str = _f("zscore", "intensities of a whole scan: zscore (MR), minmax, ct (--window),"
@@ -485,10 +510,11 @@ PRESETS = {
                     lr_step=2000, out="runs/LA_half"),  # lr x0.1 for the last 400 (README)
     "ACDC": dict(root="data/ACDC", labeled=3, num_classes=4, norm="minmax",  # official script
                  pretrain_iters=10000, selftrain_iters=30000, patch=(256, 256), batch_size=24,
-                 width=16, lr_step=10**9, eval_lcc=False, eval_split="test", out="runs/ACDC"),
+                 width=16, rotate=20, lr_step=10**9, eval_lcc=False, eval_split="test",
+                 out="runs/ACDC"),
     "ACDC_cpu": dict(root="data/ACDC", labeled=3, num_classes=4, norm="minmax", out="runs/ACDC_cpu",
                      pretrain_iters=600, selftrain_iters=1200, patch=(128, 128), batch_size=16,
-                     width=16, lr_step=10**9, eval_lcc=False, eval_split="val"),
+                     width=16, rotate=20, lr_step=10**9, eval_lcc=False, eval_split="val"),
     "Pancreas": dict(root="data/Pancreas", labeled=12, class_names=("pancreas",), norm="ct",
                      spacing=(1.0, 1.0, 1.0), pretrain_iters=1800, selftrain_iters=5000,
                      patch=(96, 96, 96), width=16, eval_stride=(16, 16, 16), out="runs/Pancreas",
@@ -553,6 +579,7 @@ def check_config(cfg):
         (len(cfg.class_names) in (0, cfg.num_classes - 1), f"--class-names: one name per "
          f"foreground class, {cfg.num_classes - 1} for --num-classes {cfg.num_classes}"),
         (len(cfg.window) == 2 and cfg.window[0] < cfg.window[1], "--window LOW HIGH, LOW < HIGH"),
+        (0 <= cfg.rotate <= 180, f"--rotate {cfg.rotate}: degrees in [0, 180]"),
         (not cfg.spacing or (len(cfg.spacing) == len(cfg.patch) == 3 and min(cfg.spacing) > 0),
          "--spacing X Y Z (mm, > 0), for 3-D data only")] if not ok]
     if bad:
@@ -670,9 +697,10 @@ def make_run(cfg):
         labels = [resize(torch.from_numpy(lb), cfg.patch).byte().numpy() for lb in labels[:k]]
     model = make_model(cfg, device)
     autocast, scaler = amp_setup(cfg.amp, device)
-    return Run(cfg, model, VolumeSampler(images[:k], labels[:k], cfg.patch, device, g),
-               VolumeSampler(images[k:], None, cfg.patch, device, g), g, None, None,
-               scaler, autocast, rank, world)
+    sampler = lambda ims, lbs: VolumeSampler(ims, lbs, cfg.patch, device, g,  # noqa: E731
+                                             rotate=cfg.rotate)
+    return Run(cfg, model, sampler(images[:k], labels[:k]), sampler(images[k:], None), g, None,
+               None, scaler, autocast, rank, world)
 
 LOG_FIELDS = ["stage", "iter", "lr", "loss", "loss_in", "loss_out", "seconds"]
 

@@ -29,6 +29,7 @@ def test_acdc_trains_and_scores_per_class_in_both_layouts(tmp_path, flat):
     run = bm.train(cfg, progress=False)
     assert len(run.lab.images) == 6 and len(run.unl.images) == 12  # patient 1: 2 frames x 3 slices
     assert run.lab.images[0].shape == (32, 32)  # each slice resized to the patch
+    assert run.lab.rotate == run.unl.rotate == cfg.rotate == 20  # official ACDC augmentation
     m = bm.evaluate(run.model, cfg, out=tmp_path / "run", progress=False)
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(saved["classes"]) == {"RV", "Myo", "LV"} and len(saved["cases"]) == 2

@@ -245,7 +245,7 @@ def test_help_shows_each_flags_default_for_the_chosen_preset(capsys, data):
     ("--ckpt-every", "7", "--ckpt-every 7: a multiple of --log-every"),
     ("--lr", "0", "--lr"), ("--labeled", "0", "--labeled"), ("--width", "0", "--width"),
     ("--ema-decay", "1.5", "--ema-decay in [0, 1]"), ("--eval-stride", "8 8", "--eval-stride: X Y Z"),
-    ("--selftrain-iters", "-1", "iterations >= 0"),
+    ("--selftrain-iters", "-1", "iterations >= 0"), ("--rotate", "200", "--rotate 200: degrees"),
 ])
 def test_every_config_check_names_its_flag(capsys, tmp_path, flag, value, needle):
     code, err = run(capsys, "--root", tmp_path / "nowhere", "--out", tmp_path / "o", *FAST,

@@ -164,3 +164,43 @@ def test_sampler_pads_as_the_official_random_crop():
     big = np.ones((80, 80, 60), np.float32)  # no side <= the patch: no padding (official)
     assert bm.VolumeSampler([big], [big.astype(np.uint8)], (32, 32, 48), "cpu",
                             g).images[0].shape == (80, 80, 60)
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (24, 40), (31, 31)])
+def test_rotate_nearest_is_scipys_order_0_rotation(shape):
+    from scipy import ndimage
+    v = torch.from_numpy(np.random.default_rng(5).random(shape).astype(np.float32) + 0.1)
+    for angle in (15, -20, 7, 33, 90):
+        ref = ndimage.rotate(v.numpy(), angle, order=0, reshape=False)
+        got = bm.rotate_nearest(v, angle).numpy()
+        # noise: every pixel is its own rounding decision. Compared where the source lies 2
+        # pixels inside the image (scipy's border mode differs next to the zeros)
+        inside = ndimage.binary_erosion(ref > 0, iterations=2, border_value=0)
+        assert inside.mean() > 0.4 and np.array_equal(got[inside], ref[inside]), angle
+    if shape[0] == shape[1]:
+        assert torch.equal(bm.rotate_nearest(v, 90), torch.rot90(v, 1, (0, 1)))
+    stack = torch.stack([v, 2 * v], -1)  # (X, Y, 2): every channel turned alike
+    assert torch.equal(bm.rotate_nearest(stack, 15)[..., 1], bm.rotate_nearest(2 * v, 15))
+
+
+def test_acdc_augmentation_draws_as_the_official_random_generator():
+    # official ACDC RandomGenerator: rot90 + flip half the time, else a rotation by an integer
+    # angle in [-20, 20) half the time, else the slice as it is
+    g = torch.Generator().manual_seed(6)
+    image = np.arange(32 * 32, dtype=np.float32).reshape(32, 32)
+    s = bm.VolumeSampler([image], [np.zeros_like(image, np.uint8)], (32, 32), "cpu", g, rotate=20)
+    poses = [s.pose() for _ in range(4000)]
+    turned = [p for p in poses if p[1] is not None]
+    angles = [p[2] for p in poses if p[1] is None and p[2]]
+    same = sum(p == (0, None, 0) for p in poses)
+    assert abs(len(turned) / 4000 - 0.5) < 0.03 and abs(same / 4000 - 0.25) < 0.03
+    assert set(angles) <= set(range(-20, 20)) - {0} and len(set(angles)) == 39  # 0: "as is"
+    assert all(p[2] == 0 and p[0] in range(4) for p in turned)
+    x, y = s.batch([0])  # image and label turned together, the patch's shape kept
+    assert x.shape == (1, 1, 32, 32) and y.shape == (1, 32, 32)
+    # LA (rotate=0): the draws of before, a turn and a flip every time
+    g0, g1 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    s0 = bm.VolumeSampler([image], None, (32, 32), "cpu", g0)
+    assert [s0.pose() for _ in range(20)] == [
+        (int(torch.randint(0, 4, (1,), generator=g1)), int(torch.randint(0, 2, (1,), generator=g1)),
+         0) for _ in range(20)]
