@@ -7,6 +7,7 @@ self-training iteration spends its time, sliding-window evaluation, and the metr
     python benchmark.py --gpu-check                           # the paper config's it/s, memory
     python benchmark.py --official ../BCP --root data/LA_half   # side by side, below
     python benchmark.py --official ../BCP --data ACDC_cpu --root data/ACDC --seed 2  # ACDC, too
+    python benchmark.py --curve --root data/ACDC --work W --curve-iters 600 6000  # time to accuracy
 
 Side by side (--official DIR, a checkout of github.com/DeepMed-Lab-ECNU/BCP kept outside this
 project): on the same machine and --device (auto: CUDA if there is one, else CPU, where the
@@ -331,6 +332,75 @@ def side_by_side_acdc(a):
     return result
 
 
+def curve_acdc(a):
+    """Time to accuracy on ACDC: bcp_minimal's ACDC_cpu preset (--curve-iters PRE SELF long)
+    trained with a snapshot of the student every --every iterations, each scored on
+    val.list after the run (never used to choose anything); and, when --work holds a finished
+    side by side, the official run's checkpoints (one every 200 iterations) alike.
+    -> work/curve.json and work/curve.png (val Dice against wall-clock minutes and iterations)."""
+    work = Path(a.work or tempfile.mkdtemp(prefix="bcp_acdc_curve_"))
+    root, out = Path(a.root).resolve(), work / f"curve_s{a.seed}"
+    cfg = bm.make_config("ACDC_cpu", root=str(root), seed=a.seed, device="cpu", eval_split="val",
+                         pretrain_iters=a.curve_iters[0], selftrain_iters=a.curve_iters[1],
+                         out=str(out), log_every=min(20, a.every))
+    snaps = out / "snapshots"
+
+    def keep(stage, it, run, rows):
+        if it % a.every == 0:
+            torch.save({"model": run.model.state_dict(), "seconds": float(rows[-1]["seconds"])},
+                       snaps / f"{stage}_{it}.pt")
+    if not (out / "final.pt").exists():
+        snaps.mkdir(parents=True, exist_ok=True)
+        torch.set_num_threads(a.threads)
+        bm.train(cfg, progress=False, on_log=keep)
+    model, points = bm.make_model(cfg), []
+    for f in sorted(snaps.glob("*.pt"), key=lambda f: (f.stem[0] == "s", int(f.stem.split("_")[1]))):
+        stage, it = f.stem.split("_")
+        snap = torch.load(f, map_location="cpu")
+        model.load_state_dict(snap["model"])
+        it = int(it) + (cfg.pretrain_iters if stage == "selftrain" else 0)
+        points.append({"run": "bcp_minimal", "iter": it, "minutes": snap["seconds"] / 60,
+                       "dice": bm.evaluate(model, cfg, progress=False)["dice"]})
+        print(points[-1], flush=True)
+    official = work / "official" / "model"
+    if official.is_dir():
+        sys.path.insert(0, str(work / "official"))
+        from networks.unet import UNet_2d
+
+        net = UNet_2d(in_chns=1, class_num=4)
+        for stage, base in (("pre_train", 0), ("self_train", cfg.pretrain_iters)):
+            for f in sorted((official / stage).glob("iter_*.pth"),
+                            key=lambda f: int(f.stem.split("_")[1])):
+                state = torch.load(f, map_location="cpu")
+                net.load_state_dict(state.get("net", state))  # pre_train also saves 'opt'
+                points.append({"run": "official", "iter": base + int(f.stem.split("_")[1]),
+                               "dice": bm.evaluate(net, cfg, progress=False)["dice"]})
+                print(points[-1], flush=True)
+    (work / "curve.json").write_text(json.dumps({"machine": cpu_info(), "threads": a.threads,
+                                                 "seed": a.seed, "points": points}, indent=2))
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.6))
+    left, right = fig.subplots(1, 2)
+    ours = [p for p in points if p["run"] == "bcp_minimal"]
+    left.plot([p["minutes"] for p in ours], [p["dice"] for p in ours], "o-", label="bcp_minimal")
+    left.set(xlabel=f"wall-clock minutes ({a.threads} threads)", ylabel="val mean Dice",
+             title=f"ACDC, 3 labeled patients: time to accuracy\n{cpu_info().split(',')[0]}")
+    for run in ("bcp_minimal", "official"):
+        pts = [p for p in points if p["run"] == run]
+        if pts:
+            right.plot([p["iter"] for p in pts], [p["dice"] for p in pts], "o-", label=run)
+    right.axvline(cfg.pretrain_iters, color="gray", lw=0.8, ls=":")
+    right.set(xlabel="iteration (pre-training, then self-training)", title=f"seed {a.seed}")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(work / "curve.png", dpi=110)
+    print(f"\n{work / 'curve.json'}, {work / 'curve.png'}")
+    return points
+
+
 def split_root(src, dst, n_val):
     """dst: the cases of src, train.list minus its last n_val cases, those as val.list, and
     src's test.list (neither program ever reads val.list or test.list while training)."""
@@ -494,9 +564,19 @@ def main(argv=None):
     side.add_argument("--seed", type=int, default=1337)
     side.add_argument("--work", help="work folder (default: a new temporary one); a run already "
                       "finished in it is reused, so the two can be trained in separate sessions")
+    side.add_argument("--curve", action="store_true", help="ACDC time to accuracy: snapshots "
+                      "every --every iterations scored on val after the run (and the official "
+                      "run's checkpoints if --work holds one) -> curve.json, curve.png")
+    side.add_argument("--curve-iters", type=int, nargs=2, default=[600, 4800], metavar=("PRE",
+                      "SELF"), help="--curve: pre-training and self-training iterations")
+    side.add_argument("--every", type=int, default=600, help="--curve: iterations per snapshot")
     side.add_argument("--only", choices=["official", "bcp_minimal"],
                       help="train just this one now (the other is shown if finished in --work)")
     a = p.parse_args(argv)
+    if a.curve:
+        if not a.root:
+            p.error("--curve needs --root (ACDC in the SSL4MIS layout)")
+        return curve_acdc(a)
     if a.official or a.side_by_side:
         if not a.root:
             p.error("--official needs --root (data in the official LA layout)")

@@ -75,3 +75,16 @@ def test_side_by_side_trains_and_scores_bcp_minimal(tiny_data, tmp_path):
     log = (tmp_path / "w" / "bcp_minimal" / "log.csv").read_text()
     assert benchmark.main(argv)[0]["wall_s"] == res[0]["wall_s"]  # reused, not retrained
     assert (tmp_path / "w" / "bcp_minimal" / "log.csv").read_text() == log
+
+
+def test_acdc_curve_scores_a_snapshot_every_n_iterations(tmp_path):
+    from make_samples import make_acdc_samples
+
+    root = make_acdc_samples(tmp_path / "ACDC", False, 6, 3, (40, 36))  # 4 train patients
+    points = benchmark.main(["--curve", "--root", str(root), "--work", str(tmp_path / "w"),
+                             "--curve-iters", "2", "4", "--every", "2", "--threads", "1"])
+    assert [p["iter"] for p in points] == [2, 4, 6]  # pre-training 2, then self-training 2 and 4
+    assert all(0 <= p["dice"] <= 1 for p in points) and points[0]["minutes"] < points[-1]["minutes"]
+    saved = json.loads((tmp_path / "w" / "curve.json").read_text())
+    assert saved["points"] == points and "AMX" in saved["machine"]
+    assert (tmp_path / "w" / "curve.png").stat().st_size > 10_000
