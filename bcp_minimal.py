@@ -412,7 +412,7 @@ class VolumeSampler:
         """-> (quarter turns k, flip axis or None, angle in degrees) of one draw. rotate = 0:
         official LA RandomRotFlip, a turn and a flip every draw. rotate = R: official ACDC
         RandomGenerator, a turn and a flip half the time, else half the time a rotation by an
-        integer angle in [-R, R) (R = 20), else as is (docs/choices.md: +4 points on ACDC)."""
+        integer angle in [-R, R) (R = 20), else as is (ACDC val 0.661 -> 0.765: docs/choices.md)."""
         if not self.rotate or self.randint(2):
             return self.randint(4), self.randint(2), 0
         return 0, None, self.randint(2 * self.rotate) - self.rotate if self.randint(2) else 0
