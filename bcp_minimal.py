@@ -550,8 +550,8 @@ def class_names(cfg):
 
 def config_from_checkpoint(state, given):
     """--resume and --eval: the run's config, flags given now on top (only RUNTIME ones)."""
-    saved = state["cfg"]
-    fixed = sorted(k for k, v in given.items() if k not in RUNTIME and v != saved[k])
+    saved = {"rotate": 0, **state["cfg"]}  # a run from before --rotate drew rotate 0's poses
+    fixed = sorted(k for k, v in given.items() if k not in RUNTIME and v != saved.get(k))
     if fixed:
         raise UserError(f"--{fixed[0].replace('_', '-')}: fixed by the checkpoint's run; only "
                         f"{', '.join(sorted(RUNTIME))} may change. Start a new --out instead")

@@ -1,4 +1,5 @@
 """Bad input: exit status 2, one message naming the file and the fix, no traceback."""
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -261,3 +262,14 @@ def test_resume_with_another_number_of_processes_is_refused(capsys, data, tmp_pa
     torch.save(state, out / "ckpt_last.pt")
     code, err = run(capsys, "--out", out, "--resume", "--device", "cpu")
     assert code == 2 and "the run had 2 processes, not 1" in err
+
+
+def test_a_checkpoint_from_before_rotate_keeps_its_augmentation():
+    # ACDC presets now draw the official ACDC poses (rotate 20); a run saved before the field
+    # existed drew rotate 0's, and resuming or evaluating it must not change that
+    saved = dataclasses.asdict(bm.make_config("ACDC_cpu"))
+    del saved["rotate"]
+    assert bm.config_from_checkpoint({"cfg": saved}, {}).rotate == 0
+    assert bm.config_from_checkpoint({"cfg": {**saved, "rotate": 20}}, {}).rotate == 20
+    with pytest.raises(bm.UserError, match="--rotate: fixed by the checkpoint"):
+        bm.config_from_checkpoint({"cfg": saved}, {"rotate": 20})
