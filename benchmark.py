@@ -39,6 +39,7 @@ import contextlib
 import copy
 import csv
 import json
+import math
 import os
 import platform
 import resource
@@ -290,12 +291,7 @@ def side_by_side_acdc(a):
     wall = run_once(code, official, bool(a.official) and a.only != "bcp_minimal")
     if wall is not None:
         times = json.loads((code / "times.json").read_text())
-        sys.path.insert(0, str(code))
-        from networks.unet import UNet_2d
-
-        net = UNet_2d(in_chns=1, class_num=4)
-        net.load_state_dict(torch.load(code / "model/self_train/unet_best_model.pth",
-                                       map_location="cpu"))
+        net = official_acdc_net(code, code / "model/self_train/unet_best_model.pth")
         rows.append(("official BCP (UNet_2d)", times["pretrain_s"], times["selftrain_s"], wall,
                      net))
     out = work / "bcp_minimal"
@@ -332,6 +328,18 @@ def side_by_side_acdc(a):
     return result
 
 
+def official_acdc_net(code, path):
+    """The official UNet_2d (from its copy in `code`) with the weights of checkpoint `path`
+    (self_train/ holds a state dict; pre_train/ {'net', 'opt'})."""
+    if str(code) not in sys.path:
+        sys.path.insert(0, str(code))
+    from networks.unet import UNet_2d
+
+    net, state = UNet_2d(in_chns=1, class_num=4), torch.load(path, map_location="cpu")
+    net.load_state_dict(state.get("net", state))
+    return net
+
+
 def curve_acdc(a):
     """Time to accuracy on ACDC: bcp_minimal's ACDC_cpu preset (--curve-iters PRE SELF long)
     trained with a snapshot of the student every --every iterations, each scored on
@@ -342,7 +350,7 @@ def curve_acdc(a):
     root, out = Path(a.root).resolve(), work / f"curve_s{a.seed}"
     cfg = bm.make_config("ACDC_cpu", root=str(root), seed=a.seed, device="cpu", eval_split="val",
                          pretrain_iters=a.curve_iters[0], selftrain_iters=a.curve_iters[1],
-                         out=str(out), log_every=min(20, a.every))
+                         out=str(out), log_every=math.gcd(20, a.every))  # hits every --every
     snaps = out / "snapshots"
 
     def keep(stage, it, run, rows):
@@ -353,29 +361,25 @@ def curve_acdc(a):
         snaps.mkdir(parents=True, exist_ok=True)
         torch.set_num_threads(a.threads)
         bm.train(cfg, progress=False, on_log=keep)
+    # (run, iteration counted over both stages, file): ours <stage>_<it>.pt, official iter_<it>_..
+    base = {"pretrain": 0, "selftrain": cfg.pretrain_iters, "pre_train": 0,
+            "self_train": cfg.pretrain_iters}
+    found = [("bcp_minimal", base[f.stem.rsplit("_", 1)[0]] + int(f.stem.rsplit("_", 1)[1]), f)
+             for f in snaps.glob("*.pt")]
+    official = work / "official"
+    found += [("official", base[f.parent.name] + int(f.stem.split("_")[1]), f)
+              for f in (official / "model").glob("*_train/iter_*.pth")]
     model, points = bm.make_model(cfg), []
-    for f in sorted(snaps.glob("*.pt"), key=lambda f: (f.stem[0] == "s", int(f.stem.split("_")[1]))):
-        stage, it = f.stem.split("_")
-        snap = torch.load(f, map_location="cpu")
-        model.load_state_dict(snap["model"])
-        it = int(it) + (cfg.pretrain_iters if stage == "selftrain" else 0)
-        points.append({"run": "bcp_minimal", "iter": it, "minutes": snap["seconds"] / 60,
-                       "dice": bm.evaluate(model, cfg, progress=False)["dice"]})
+    for run, it, f in sorted(found, key=lambda r: (r[0], r[1])):
+        if run == "official":
+            net, minutes = official_acdc_net(official, f), {}
+        else:
+            snap = torch.load(f, map_location="cpu")
+            model.load_state_dict(snap["model"])
+            net, minutes = model, {"minutes": snap["seconds"] / 60}
+        points.append({"run": run, "iter": it, **minutes,
+                       "dice": bm.evaluate(net, cfg, progress=False)["dice"]})
         print(points[-1], flush=True)
-    official = work / "official" / "model"
-    if official.is_dir():
-        sys.path.insert(0, str(work / "official"))
-        from networks.unet import UNet_2d
-
-        net = UNet_2d(in_chns=1, class_num=4)
-        for stage, base in (("pre_train", 0), ("self_train", cfg.pretrain_iters)):
-            for f in sorted((official / stage).glob("iter_*.pth"),
-                            key=lambda f: int(f.stem.split("_")[1])):
-                state = torch.load(f, map_location="cpu")
-                net.load_state_dict(state.get("net", state))  # pre_train also saves 'opt'
-                points.append({"run": "official", "iter": base + int(f.stem.split("_")[1]),
-                               "dice": bm.evaluate(net, cfg, progress=False)["dice"]})
-                print(points[-1], flush=True)
     (work / "curve.json").write_text(json.dumps({"machine": cpu_info(), "threads": a.threads,
                                                  "seed": a.seed, "points": points}, indent=2))
     from matplotlib.figure import Figure
