@@ -490,8 +490,12 @@ class Config:
     eval_stride: tuple = _f((16, 16, 16), "sliding-window stride X Y Z at evaluation")
     eval_lcc: bool = _f(True, "keep the largest component of the prediction (official)")
     eval_model: str = _f("student", "weights scored at the end, by --eval and --predict: the "
-                         "final student or its EMA teacher (official: the student checkpoint "
-                         "that scored best on test (LA) or val (ACDC))", ["student", "teacher"])
+                         "final student, its EMA teacher, or both (ensemble: their mean softmax)"
+                         " (official: the student checkpoint that scored best on test (LA) or "
+                         "val (ACDC))", ["student", "teacher", "ensemble"])
+    eval_tta: bool = _f(False, "mirror test-time augmentation at --eval / --predict: the mean "
+                        "softmax over the 2^d flips of each window (nnU-Net's; 8x the "
+                        "evaluation time in 3-D, 4x in 2-D; official: none)")
     device: str = _f("auto", "auto (cuda, mps, then cpu) | cpu | cuda | mps")
     amp: str = _f("auto", "autocast: bf16 on GPUs of compute capability >= 8.0, fp16 + "
                   "GradScaler on older ones (T4), bf16 on CPUs with AMX or AVX512-BF16; fp32 "
@@ -522,7 +526,7 @@ PRESETS = {
 }  # LA_half: LA at half resolution (get_data.py), sized for a CPU. ACDC: lr never decays.
 # Pancreas (get_data.py pancreas): deviation, official code/pancreas uses V-Net + Adam 1e-3
 RUNTIME = {"root", "out", "device", "amp", "log_every", "ckpt_every", "eval_split",
-           "eval_stride", "eval_lcc", "eval_model"}  # what --resume and --eval may change
+           "eval_stride", "eval_lcc", "eval_model", "eval_tta"}  # what --resume, --eval may change
 
 def dataset_defaults(root):
     """-> (preset, config defaults) that get_data.py recorded in root/bcp_dataset.json for a
@@ -811,6 +815,37 @@ def sliding_window_predict(model, image, patch, stride, batch=4):
             count[b] += 1
     return (probs / count)[(slice(None), *(slice(p // 2, p // 2 + s) for p, s in zip(pads, S)))]
 
+class Averaged(nn.Module):
+    """Test-time ensembles as one model: the mean softmax of `models`, each over the 2^d mirror
+    images of its input if `mirror` (flip the window, predict, flip back: nnU-Net's test-time
+    augmentation). Returns log(mean p): its softmax is the mean p and its argmax that of the
+    mean, so the sliding window and the 2-D path take it as they take a model's logits."""
+
+    def __init__(self, models, mirror=False):
+        super().__init__()
+        self.models, self.mirror = nn.ModuleList(models), mirror
+
+    def forward(self, x):  # (B, C, *S) -> (B, K, *S)
+        axes = range(2, x.dim())
+        flips = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)
+                 ] if self.mirror else [()]  # 3-D: (), (2,), (3,), (4,), (2, 3), ..., (2, 3, 4)
+        p = [m(x.flip(f)).softmax(1).flip(f) for m in self.models for f in flips]
+        return torch.stack(p).mean(0).log()
+
+def scored_model(cfg, state, device):
+    """-> (the model --eval / --predict use, its name): cfg.eval_model's weights of checkpoint
+    `state` (the student where it has no teacher: pre-training, supervised), mirrored if
+    cfg.eval_tta."""
+    keys = {"student": ["model"], "teacher": ["teacher"], "ensemble": ["model", "teacher"]}[
+        cfg.eval_model] if state["teacher"] else ["model"]
+    models = [make_model(cfg, device) for _ in keys]
+    for m, k in zip(models, keys):
+        m.load_state_dict(state[k])
+    name = "+".join({"model": "student", "teacher": "teacher"}[k] for k in keys)
+    if cfg.eval_tta:
+        return Averaged(models, mirror=True), name + ", mirrored"
+    return (models[0] if len(models) == 1 else Averaged(models)), name
+
 def dice(pred, gt, spacing=None):
     """2|P & G| / (|P| + |G|); both empty: 1.0 (nothing to find, none found; medpy's dc gives
     nan or 0 there, depending on its and NumPy's versions)."""
@@ -1037,9 +1072,7 @@ def main(argv=None):
             print(f"trained into {cfg.out} (--eval-split none: not scored; --predict scans)")
             return 0
         rank, world = dist_setup(cfg) if args.predict else (0, 1)  # torchrun: share scans
-        model = make_model(cfg, pick_device(cfg.device))
-        use = "teacher" if cfg.eval_model == "teacher" and state["teacher"] else "student"
-        model.load_state_dict(state[{"student": "model", "teacher": "teacher"}[use]])
+        model, use = scored_model(cfg, state, pick_device(cfg.device))
         if args.predict:
             failed = predict(model, cfg, args.predict, cfg.out, rank, world)
             if rank == 0:

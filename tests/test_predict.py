@@ -177,3 +177,64 @@ def test_evaluate_keeps_the_largest_component_only_when_asked(tmp_path, lcc):
     m = bm.evaluate(Threshold(), cfg, progress=False)
     want = 1.0 if lcc else 2 * 1152 / (1152 + 27 + 1152)
     assert m["dice"] == pytest.approx(want)
+
+
+def _net(seed, dims=2, classes=3):
+    """A position-dependent tiny net (asymmetric kernels): its mirror images differ."""
+    torch.manual_seed(seed)
+    conv = (torch.nn.Conv2d if dims == 2 else torch.nn.Conv3d)(1, classes, 3, padding=1)
+    return torch.nn.Sequential(conv, torch.nn.Tanh(), (torch.nn.Conv2d if dims == 2 else torch.nn.Conv3d)(classes, classes, 1))
+
+
+def test_mirror_tta_is_the_mean_softmax_over_the_four_flips_by_hand():
+    net, x = _net(0), torch.randn(2, 1, 5, 7)
+    with torch.no_grad():
+        got = bm.Averaged([net], mirror=True)(x).softmax(1)
+        hand = (net(x).softmax(1) + net(x.flip(2)).softmax(1).flip(2) + net(x.flip(3)).softmax(1).flip(3)
+                + net(x.flip(2).flip(3)).softmax(1).flip(3).flip(2)) / 4
+        assert not torch.allclose(net(x).softmax(1), hand, atol=1e-3)  # the flips change the answer
+    assert torch.allclose(got, hand, atol=1e-6)
+
+
+def test_mirror_tta_in_3d_sees_all_eight_flips_and_is_flip_equivariant():
+    net, x, calls = _net(1, dims=3), torch.randn(1, 1, 4, 5, 6), []
+    net.register_forward_hook(lambda *a: calls.append(1))
+    tta = bm.Averaged([net], mirror=True)
+    with torch.no_grad():
+        p = tta(x)
+        assert len(calls) == 8
+        for d in (2, 3, 4):  # mirroring the input mirrors the prediction: every flip, flipped back
+            assert torch.allclose(tta(x.flip(d)), p.flip(d), atol=1e-5)
+
+
+def test_ensemble_is_the_mean_softmax_of_student_and_teacher():
+    a, b, x = _net(2), _net(3), torch.randn(2, 1, 6, 6)
+    with torch.no_grad():
+        mean = (a(x).softmax(1) + b(x).softmax(1)) / 2
+        out = bm.Averaged([a, b])(x)
+    assert torch.allclose(out.softmax(1), mean, atol=1e-6)
+    assert torch.equal(out.argmax(1), mean.argmax(1))
+
+
+def test_eval_ensemble_and_tta_flags(capsys, monkeypatch, tiny_data, trained, tmp_path):
+    """--eval-model ensemble scores student and teacher together, --eval-tta mirrors; metrics.json
+    and stdout say which; a checkpoint without a teacher falls back to its student."""
+    seen, real = [], bm.evaluate
+    monkeypatch.setattr(bm, "evaluate", lambda m, *a, **k: seen.append(m) or real(m, *a, **k))
+    state = bm.load_checkpoint(trained)
+    for flags, scored in [(["--eval-model", "ensemble"], "student+teacher"),
+                          (["--eval-tta", "true"], "student, mirrored"),
+                          (["--eval-model", "ensemble", "--eval-tta", "true"], "student+teacher, mirrored")]:
+        out = tmp_path / f"e{len(seen)}"
+        assert bm.main(["--eval", str(trained), "--out", str(out), *flags]) == 0
+        m = seen[-1]
+        assert isinstance(m, bm.Averaged) and m.mirror == ("mirrored" in scored)
+        keys = ["model", "teacher"] if "+" in scored else ["model"]
+        assert len(m.models) == len(keys)
+        for net, k in zip(m.models, keys):
+            assert all(torch.equal(net.state_dict()[n].cpu(), state[k][n]) for n in state[k])
+        assert json.loads((out / "metrics.json").read_text())["scored"] == scored
+        assert f"({scored})" in capsys.readouterr().out
+    assert bm.main(["--eval", str(trained.parent / "pretrain.pt"), "--out", str(tmp_path / "pre"),
+                    "--eval-model", "ensemble"]) == 0
+    assert json.loads((tmp_path / "pre" / "metrics.json").read_text())["scored"] == "student"
