@@ -7,7 +7,8 @@ self-training iteration spends its time, sliding-window evaluation, and the metr
     python benchmark.py --gpu-check                           # the paper config's it/s, memory
     python benchmark.py --official ../BCP --root data/LA_half   # side by side, below
     python benchmark.py --official ../BCP --data ACDC_cpu --root data/ACDC --seed 2  # ACDC, too
-    python benchmark.py --curve --root data/ACDC --work W --curve-iters 600 6000  # time to accuracy
+    python benchmark.py --curve --data ACDC_cpu --root data/ACDC --work W   # time to accuracy
+    python benchmark.py --curve --root data/LA_half --work W   # LA_half (W: a side by side's)
 
 Side by side (--official DIR, a checkout of github.com/DeepMed-Lab-ECNU/BCP kept outside this
 project): on the same machine and --device (auto: CUDA if there is one, else CPU, where the
@@ -340,18 +341,42 @@ def official_acdc_net(code, path):
     return net
 
 
-def curve_acdc(a):
-    """Time to accuracy on ACDC: bcp_minimal's ACDC_cpu preset (--curve-iters PRE SELF long)
-    trained with a snapshot of the student every --every iterations, each scored on
-    val.list after the run (never used to choose anything); and, when --work holds a finished
-    side by side, the official run's checkpoints (one every 200 iterations) alike.
+def official_net(data, code, path):
+    """The official network of `data` (LA_half: VNet; ACDC_cpu: UNet_2d), imported from its copy
+    in `code`, with the weights of checkpoint `path`; returns logits as bm's models do."""
+    if data == "ACDC_cpu":
+        return official_acdc_net(code, path)
+    if str(code) not in sys.path:
+        sys.path.insert(0, str(code))
+    from networks.VNet import VNet
+
+    net, state = (VNet(n_channels=1, n_classes=2, normalization="batchnorm", has_dropout=False),
+                  torch.load(path, map_location="cpu"))
+    net.load_state_dict(state.get("net", state))  # pre_train/ holds {'net', 'opt'}
+    return _Logits(net)
+
+
+def curve(a):
+    """Time to accuracy: bcp_minimal's --data preset (--curve-iters PRE SELF; default: the
+    preset's budget) trained with a snapshot of the student every --every iterations, each
+    scored on the validation cases after the run (never used to choose anything); and, when
+    --work holds the official run of a side by side (`--official DIR --work W --only official`),
+    its checkpoints at the same iterations alike. LA_half trains on train.list minus its last
+    --val cases and is scored on those (the side by side's split); ACDC_cpu is scored on
+    val.list. The official run's minutes: its stage times (times.json), shared evenly over the
+    iterations of each stage (its evaluations are switched off: every iteration costs alike).
     -> work/curve.json and work/curve.png (val Dice against wall-clock minutes and iterations)."""
-    work = Path(a.work or tempfile.mkdtemp(prefix="bcp_acdc_curve_"))
-    root, out = Path(a.root).resolve(), work / f"curve_s{a.seed}"
-    cfg = bm.make_config("ACDC_cpu", root=str(root), seed=a.seed, device="cpu", eval_split="val",
-                         pretrain_iters=a.curve_iters[0], selftrain_iters=a.curve_iters[1],
-                         out=str(out), log_every=math.gcd(20, a.every))  # hits every --every
-    snaps = out / "snapshots"
+    work = Path(a.work or tempfile.mkdtemp(prefix="bcp_curve_"))
+    out, over = work / f"curve_s{a.seed}", {}
+    if a.data == "LA_half":
+        root = split_root(a.root, work / "data", a.val)[0].resolve()
+        over = dict(labeled=a.labeled, patch=tuple(a.patch), eval_stride=tuple(a.eval_stride))
+    else:
+        root = Path(a.root).resolve()
+    iters = dict(zip(("pretrain_iters", "selftrain_iters"), a.curve_iters or ()))
+    cfg = bm.make_config(a.data, root=str(root), seed=a.seed, device="cpu", eval_split="val",
+                         out=str(out), log_every=math.gcd(20, a.every), **over, **iters)
+    snaps = out / "snapshots"  # log_every above: a log line (and a snapshot) every --every
 
     def keep(stage, it, run, rows):
         if it % a.every == 0:
@@ -367,12 +392,23 @@ def curve_acdc(a):
     found = [("bcp_minimal", base[f.stem.rsplit("_", 1)[0]] + int(f.stem.rsplit("_", 1)[1]), f)
              for f in snaps.glob("*.pt")]
     official = work / "official"
-    found += [("official", base[f.parent.name] + int(f.stem.split("_")[1]), f)
-              for f in (official / "model").glob("*_train/iter_*.pth")]
+    ckpts = [(f.parent.name, int(f.stem.split("_")[1]), f)
+             for f in (official / "model").glob("*_train/iter_*.pth")]
+    last = {stage: max([i for s, i, _ in ckpts if s == stage] or [1])
+            for stage in ("pre_train", "self_train")}
+    times = (json.loads((official / "times.json").read_text())
+             if (official / "times.json").exists() else None)
+    found += [("official", base[stage] + i, f) for stage, i, f in ckpts if i % a.every == 0]
+
+    def official_minutes(stage, i):  # stage times shared evenly over its iterations
+        spent = times["pretrain_s"] if stage == "self_train" else 0
+        return (spent + times[f"{stage.replace('_', '')}_s"] * i / last[stage]) / 60
     model, points = bm.make_model(cfg), []
     for run, it, f in sorted(found, key=lambda r: (r[0], r[1])):
         if run == "official":
-            net, minutes = official_acdc_net(official, f), {}
+            net = official_net(a.data, official, f)
+            minutes = {"minutes": official_minutes(f.parent.name, it - base[f.parent.name])
+                       } if times else {}
         else:
             snap = torch.load(f, map_location="cpu")
             model.load_state_dict(snap["model"])
@@ -381,19 +417,23 @@ def curve_acdc(a):
                        "dice": bm.evaluate(net, cfg, progress=False)["dice"]})
         print(points[-1], flush=True)
     (work / "curve.json").write_text(json.dumps({"machine": cpu_info(), "threads": a.threads,
-                                                 "seed": a.seed, "points": points}, indent=2))
+                                                 "seed": a.seed, "data": a.data,
+                                                 "points": points}, indent=2))
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 3.6))
     left, right = fig.subplots(1, 2)
-    ours = [p for p in points if p["run"] == "bcp_minimal"]
-    left.plot([p["minutes"] for p in ours], [p["dice"] for p in ours], "o-", label="bcp_minimal")
-    left.set(xlabel=f"wall-clock minutes ({a.threads} threads)", ylabel="val mean Dice",
-             title=f"ACDC, 3 labeled patients: time to accuracy\n{cpu_info().split(',')[0]}")
+    name = {"LA_half": "LA_half, 4 labeled", "ACDC_cpu": "ACDC, 3 labeled patients"}[a.data]
     for run in ("bcp_minimal", "official"):
         pts = [p for p in points if p["run"] == run]
+        timed_pts = [p for p in pts if "minutes" in p]
+        if timed_pts:
+            left.plot([p["minutes"] for p in timed_pts], [p["dice"] for p in timed_pts], "o-",
+                      label=run)
         if pts:
             right.plot([p["iter"] for p in pts], [p["dice"] for p in pts], "o-", label=run)
+    left.set(xlabel=f"wall-clock minutes ({a.threads} threads)", ylabel="val Dice",
+             title=f"{name}: time to accuracy\n{cpu_info().split(',')[0]}")
     right.axvline(cfg.pretrain_iters, color="gray", lw=0.8, ls=":")
     right.set(xlabel="iteration (pre-training, then self-training)", title=f"seed {a.seed}")
     for ax in (left, right):
@@ -568,29 +608,27 @@ def main(argv=None):
     side.add_argument("--seed", type=int, default=1337)
     side.add_argument("--work", help="work folder (default: a new temporary one); a run already "
                       "finished in it is reused, so the two can be trained in separate sessions")
-    side.add_argument("--curve", action="store_true", help="ACDC time to accuracy: snapshots "
-                      "every --every iterations scored on val after the run (and the official "
-                      "run's checkpoints if --work holds one) -> curve.json, curve.png")
-    side.add_argument("--curve-iters", type=int, nargs=2, default=[600, 4800], metavar=("PRE",
-                      "SELF"), help="--curve: pre-training and self-training iterations")
+    side.add_argument("--curve", action="store_true", help="time to accuracy of --data: "
+                      "snapshots every --every iterations scored on val after the run (and the "
+                      "official run's checkpoints if --work holds one) -> curve.json, curve.png")
+    side.add_argument("--curve-iters", type=int, nargs=2, metavar=("PRE", "SELF"),
+                      help="--curve: pre-training and self-training iterations (default: the "
+                      "preset's)")
     side.add_argument("--every", type=int, default=600, help="--curve: iterations per snapshot")
     side.add_argument("--only", choices=["official", "bcp_minimal"],
                       help="train just this one now (the other is shown if finished in --work)")
     a = p.parse_args(argv)
-    if a.curve:
+    if a.curve or a.official or a.side_by_side:
         if not a.root:
-            p.error("--curve needs --root (ACDC in the SSL4MIS layout)")
-        return curve_acdc(a)
-    if a.official or a.side_by_side:
-        if not a.root:
-            p.error("--official needs --root (data in the official LA layout)")
+            p.error(f"{'--curve' if a.curve else '--official'} needs --root (LA_half in the "
+                    "official LA layout, or ACDC in the SSL4MIS layout with --data ACDC_cpu)")
         if a.only == "official" and not a.official:
             p.error("--only official needs --official DIR (a checkout of the official code)")
-        if a.data == "ACDC_cpu":
-            return side_by_side_acdc(a)
-        a.patch = a.patch if a.patch != [112, 112, 80] else [64, 64, 48]
+        a.patch = a.patch if a.patch != [112, 112, 80] else [64, 64, 48]  # LA_half's
         a.eval_stride = a.eval_stride if a.eval_stride != [18, 18, 4] else [9, 9, 2]
-        return side_by_side(a)
+        if a.curve:
+            return curve(a)
+        return side_by_side_acdc(a) if a.data == "ACDC_cpu" else side_by_side(a)
 
     device = bm.pick_device(a.device)
     torch.backends.cudnn.benchmark = True

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from conftest import ROOT
@@ -81,10 +82,38 @@ def test_acdc_curve_scores_a_snapshot_every_n_iterations(tmp_path):
     from make_samples import make_acdc_samples
 
     root = make_acdc_samples(tmp_path / "ACDC", False, 6, 3, (40, 36))  # 4 train patients
-    points = benchmark.main(["--curve", "--root", str(root), "--work", str(tmp_path / "w"),
+    points = benchmark.main(["--curve", "--data", "ACDC_cpu", "--root", str(root), "--work", str(tmp_path / "w"),
                              "--curve-iters", "2", "4", "--every", "2", "--threads", "1"])
     assert [p["iter"] for p in points] == [2, 4, 6]  # pre-training 2, then self-training 2 and 4
     assert all(0 <= p["dice"] <= 1 for p in points) and points[0]["minutes"] < points[-1]["minutes"]
     saved = json.loads((tmp_path / "w" / "curve.json").read_text())
     assert saved["points"] == points and "AMX" in saved["machine"]
     assert (tmp_path / "w" / "curve.png").stat().st_size > 10_000
+
+
+def test_la_curve_adds_the_official_checkpoints_at_the_same_iterations(tiny_data, tmp_path, monkeypatch):
+    """LA_half: trained on the side by side's split, scored on its val cases; the official run's
+    checkpoints found in --work (faked here: no test needs the official code) join at multiples
+    of --every, each at its stage's share of the official stage times."""
+    official = tmp_path / "w" / "official"
+    for stage, its in (("pre_train", (2,)), ("self_train", (2, 3, 4))):
+        (official / "model" / stage).mkdir(parents=True)
+        for i in its:
+            torch.save({}, official / "model" / stage / f"iter_{i}_dice_{i}.0.pth")
+    (official / "times.json").write_text(json.dumps({"pretrain_s": 60, "selftrain_s": 120}))
+    loaded = []
+    monkeypatch.setattr(benchmark, "official_net", lambda data, code, path: loaded.append(
+        (data, path.parent.name, path.name)) or bm.UNet(1, 2, 2))
+    points = benchmark.main(["--curve", "--root", str(tiny_data), "--work", str(tmp_path / "w"), "--val",
+                             "2", "--labeled", "2", "--patch", "16", "16", "16", "--eval-stride", "8", "8",
+                             "8", "--curve-iters", "2", "4", "--every", "2", "--threads", "1"])
+    ours = [p for p in points if p["run"] == "bcp_minimal"]
+    theirs = [p for p in points if p["run"] == "official"]
+    assert [p["iter"] for p in ours] == [2, 4, 6] and [p["iter"] for p in theirs] == [2, 4, 6]
+    assert [p["minutes"] for p in theirs] == [1.0, 2.0, 3.0]  # 60 s * 2/2; (60 + 120 * 2/4) s; 180 s
+    assert loaded == [("LA_half", "pre_train", "iter_2_dice_2.0.pth"),
+                      ("LA_half", "self_train", "iter_2_dice_2.0.pth"),
+                      ("LA_half", "self_train", "iter_4_dice_4.0.pth")]
+    cfg = bm.load_checkpoint(tmp_path / "w" / "curve_s1337" / "final.pt")["cfg"]
+    assert (Path(cfg["root"]) / "val.list").read_text().split() == (tiny_data / "train.list").read_text().split()[-2:]
+    assert json.loads((tmp_path / "w" / "curve.json").read_text())["data"] == "LA_half"
