@@ -22,9 +22,10 @@ made) and driver.py, written beside them (DRIVER: on a CPU .cuda() becomes a no-
 Compose is replaced by 5 lines, and the test-set checkpoint selection is switched off so that the
 last checkpoint is scored). It needs `pip install scikit-image tensorboardX pyyaml`.
 ACDC (--data ACDC_cpu): the official ACDC_BCP_train.py at the ACDC_cpu budget (crop, batch,
-iterations, 3 labeled patients), patched by OFFICIAL_ACDC_PATCHES and driven by ACDC_DRIVER (its
-every-200-iterations selection on val.list switched off: the last checkpoint is scored; no
-DataLoader worker processes on a CPU); both final students scored by bm.evaluate on val.list.
+3 labeled patients; iterations: the preset's or --pretrain-iters / --selftrain-iters), patched
+by OFFICIAL_ACDC_PATCHES and driven by ACDC_DRIVER (its every-200-iterations selection on
+val.list switched off: the last checkpoint is scored; no DataLoader worker processes on a
+CPU); both final students scored by bm.evaluate on val.list.
 Every result names the CPU model and its AMX / AVX512-BF16 flags (cpu_info).
 
 Step times are medians over --iters iterations after --warmup, of bm.train_step itself (the
@@ -274,8 +275,9 @@ def side_by_side_acdc(a):
     root = Path(a.root).resolve()
     if "ACDC" not in str(root):  # the official patients_to_slices looks for it in the path
         raise SystemExit(f"{root}: the official ACDC script needs 'ACDC' in the data path")
-    cfg = bm.make_config("ACDC_cpu", root=str(root), seed=a.seed, device="cpu", eval_split="val")
-    if cfg.pretrain_iters % 200 or cfg.selftrain_iters % 200:
+    cfg = bm.make_config("ACDC_cpu", root=str(root), seed=a.seed, device="cpu", eval_split="val",
+                         pretrain_iters=a.pretrain_iters, selftrain_iters=a.selftrain_iters)
+    if a.official and (cfg.pretrain_iters % 200 or cfg.selftrain_iters % 200):
         raise SystemExit("the official script saves every 200 iterations: budgets of 200s")
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "BCP_DEVICE": "cpu",
            "BCP_PATCH": ",".join(map(str, cfg.patch))}
@@ -297,7 +299,8 @@ def side_by_side_acdc(a):
                      net))
     out = work / "bcp_minimal"
     flags = ["--data", "ACDC_cpu", "--root", str(root), "--seed", str(a.seed), "--device", "cpu",
-             "--out", str(out)]
+             "--pretrain-iters", str(cfg.pretrain_iters), "--selftrain-iters",
+             str(cfg.selftrain_iters), "--out", str(out)]
     wall = run_once(out, lambda: subprocess.run(
         [sys.executable, str(Path(__file__).parent / "bcp_minimal.py"), *flags], env=env,
         check=True), a.only != "official")
@@ -357,8 +360,7 @@ def official_net(data, code, path):
 
 
 def curve(a):
-    """Time to accuracy: bcp_minimal's --data preset (--curve-iters PRE SELF; default: the
-    preset's budget) trained with a snapshot of the student every --every iterations, each
+    """Time to accuracy: bcp_minimal's --data preset (--pretrain-iters, --selftrain-iters) trained with a snapshot of the student every --every iterations, each
     scored on the validation cases after the run (never used to choose anything); and, when
     --work holds the official run of a side by side (`--official DIR --work W --only official`),
     its checkpoints at the same iterations alike. LA_half trains on train.list minus its last
@@ -373,9 +375,9 @@ def curve(a):
         over = dict(labeled=a.labeled, patch=tuple(a.patch), eval_stride=tuple(a.eval_stride))
     else:
         root = Path(a.root).resolve()
-    iters = dict(zip(("pretrain_iters", "selftrain_iters"), a.curve_iters or ()))
     cfg = bm.make_config(a.data, root=str(root), seed=a.seed, device="cpu", eval_split="val",
-                         out=str(out), log_every=math.gcd(20, a.every), **over, **iters)
+                         pretrain_iters=a.pretrain_iters, selftrain_iters=a.selftrain_iters,
+                         out=str(out), log_every=math.gcd(20, a.every), **over)
     snaps = out / "snapshots"  # log_every above: a log line (and a snapshot) every --every
 
     def keep(stage, it, run, rows):
@@ -601,8 +603,8 @@ def main(argv=None):
     side.add_argument("--side-by-side", action="store_true", help="the side-by-side run, with "
                       "--official or (without it) bcp_minimal alone")
     side.add_argument("--labeled", type=int, default=4)
-    side.add_argument("--pretrain-iters", type=int, default=1200)
-    side.add_argument("--selftrain-iters", type=int, default=2400)
+    side.add_argument("--pretrain-iters", type=int, help="default: the --data preset's")
+    side.add_argument("--selftrain-iters", type=int, help="default: the --data preset's")
     side.add_argument("--val", type=int, default=10, help="validation cases: the end of train.list")
     side.add_argument("--threads", type=int, default=2)
     side.add_argument("--seed", type=int, default=1337)
@@ -611,9 +613,6 @@ def main(argv=None):
     side.add_argument("--curve", action="store_true", help="time to accuracy of --data: "
                       "snapshots every --every iterations scored on val after the run (and the "
                       "official run's checkpoints if --work holds one) -> curve.json, curve.png")
-    side.add_argument("--curve-iters", type=int, nargs=2, metavar=("PRE", "SELF"),
-                      help="--curve: pre-training and self-training iterations (default: the "
-                      "preset's)")
     side.add_argument("--every", type=int, default=600, help="--curve: iterations per snapshot")
     side.add_argument("--only", choices=["official", "bcp_minimal"],
                       help="train just this one now (the other is shown if finished in --work)")
@@ -626,6 +625,10 @@ def main(argv=None):
             p.error("--only official needs --official DIR (a checkout of the official code)")
         a.patch = a.patch if a.patch != [112, 112, 80] else [64, 64, 48]  # LA_half's
         a.eval_stride = a.eval_stride if a.eval_stride != [18, 18, 4] else [9, 9, 2]
+        preset = bm.make_config(a.data)  # the budget: the preset's unless given
+        a.pretrain_iters = preset.pretrain_iters if a.pretrain_iters is None else a.pretrain_iters
+        a.selftrain_iters = (preset.selftrain_iters if a.selftrain_iters is None
+                             else a.selftrain_iters)
         if a.curve:
             return curve(a)
         return side_by_side_acdc(a) if a.data == "ACDC_cpu" else side_by_side(a)

@@ -83,7 +83,7 @@ def test_acdc_curve_scores_a_snapshot_every_n_iterations(tmp_path):
 
     root = make_acdc_samples(tmp_path / "ACDC", False, 6, 3, (40, 36))  # 4 train patients
     points = benchmark.main(["--curve", "--data", "ACDC_cpu", "--root", str(root), "--work", str(tmp_path / "w"),
-                             "--curve-iters", "2", "4", "--every", "2", "--threads", "1"])
+                             "--pretrain-iters", "2", "--selftrain-iters", "4", "--every", "2", "--threads", "1"])
     assert [p["iter"] for p in points] == [2, 4, 6]  # pre-training 2, then self-training 2 and 4
     assert all(0 <= p["dice"] <= 1 for p in points) and points[0]["minutes"] < points[-1]["minutes"]
     saved = json.loads((tmp_path / "w" / "curve.json").read_text())
@@ -106,7 +106,7 @@ def test_la_curve_adds_the_official_checkpoints_at_the_same_iterations(tiny_data
         (data, path.parent.name, path.name)) or bm.UNet(1, 2, 2))
     points = benchmark.main(["--curve", "--root", str(tiny_data), "--work", str(tmp_path / "w"), "--val",
                              "2", "--labeled", "2", "--patch", "16", "16", "16", "--eval-stride", "8", "8",
-                             "8", "--curve-iters", "2", "4", "--every", "2", "--threads", "1"])
+                             "8", "--pretrain-iters", "2", "--selftrain-iters", "4", "--every", "2", "--threads", "1"])
     ours = [p for p in points if p["run"] == "bcp_minimal"]
     theirs = [p for p in points if p["run"] == "official"]
     assert [p["iter"] for p in ours] == [2, 4, 6] and [p["iter"] for p in theirs] == [2, 4, 6]
@@ -117,3 +117,17 @@ def test_la_curve_adds_the_official_checkpoints_at_the_same_iterations(tiny_data
     cfg = bm.load_checkpoint(tmp_path / "w" / "curve_s1337" / "final.pt")["cfg"]
     assert (Path(cfg["root"]) / "val.list").read_text().split() == (tiny_data / "train.list").read_text().split()[-2:]
     assert json.loads((tmp_path / "w" / "curve.json").read_text())["data"] == "LA_half"
+
+
+def test_acdc_side_by_side_trains_bcp_minimal_at_the_given_budget(tmp_path):
+    """--side-by-side --data ACDC_cpu without --official: bcp_minimal alone, through its command
+    line, at --pretrain-iters / --selftrain-iters (the budget both sides share), scored on val."""
+    from make_samples import make_acdc_samples
+
+    root = make_acdc_samples(tmp_path / "ACDC", False, 6, 3, (40, 36))
+    res = benchmark.main(["--side-by-side", "--data", "ACDC_cpu", "--root", str(root), "--work",
+                          str(tmp_path / "w"), "--pretrain-iters", "2", "--selftrain-iters", "4",
+                          "--threads", "1"])
+    assert [r["run"] for r in res] == ["bcp_minimal ACDC_cpu (U-Net)"] and 0 <= res[0]["val_dice"] <= 1
+    cfg = json.loads((tmp_path / "w" / "bcp_minimal" / "config.json").read_text())
+    assert (cfg["pretrain_iters"], cfg["selftrain_iters"]) == (2, 4)
