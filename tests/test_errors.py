@@ -264,7 +264,7 @@ def test_resume_with_another_number_of_processes_is_refused(capsys, data, tmp_pa
     assert code == 2 and "the run had 2 processes, not 1" in err
 
 
-def test_a_checkpoint_from_before_rotate_keeps_its_augmentation():
+def test_a_checkpoint_from_before_rotate_keeps_its_augmentation_and_scoring():
     # ACDC presets now draw the official ACDC poses (rotate 20); a run saved before the field
     # existed drew rotate 0's, and resuming or evaluating it must not change that
     saved = dataclasses.asdict(bm.make_config("ACDC_cpu"))
@@ -273,3 +273,8 @@ def test_a_checkpoint_from_before_rotate_keeps_its_augmentation():
     assert bm.config_from_checkpoint({"cfg": {**saved, "rotate": 20}}, {}).rotate == 20
     with pytest.raises(bm.UserError, match="--rotate: fixed by the checkpoint"):
         bm.config_from_checkpoint({"cfg": saved}, {"rotate": 20})
+    # likewise mirror TTA (ACDC_cpu's default now): an older run is scored as it was, unless asked
+    assert bm.make_config("ACDC_cpu").eval_tta
+    del saved["eval_tta"]
+    assert not bm.config_from_checkpoint({"cfg": saved}, {}).eval_tta
+    assert bm.config_from_checkpoint({"cfg": saved}, {"eval_tta": True}).eval_tta
