@@ -365,8 +365,9 @@ def curve(a):
     --work holds the official run of a side by side (`--official DIR --work W --only official`),
     its checkpoints at the same iterations alike. LA_half trains on train.list minus its last
     --val cases and is scored on those (the side by side's split); ACDC_cpu is scored on
-    val.list. The official run's minutes: its stage times (times.json), shared evenly over the
-    iterations of each stage (its evaluations are switched off: every iteration costs alike).
+    val.list. The official run's minutes (in curve.json; plotted with --official-minutes): its
+    stage times (times.json) shared evenly over each stage's iterations (its evaluations are
+    switched off: every iteration costs alike).
     -> work/curve.json and work/curve.png (val Dice against wall-clock minutes and iterations)."""
     work = Path(a.work or tempfile.mkdtemp(prefix="bcp_curve_"))
     out, over = work / f"curve_s{a.seed}", {}
@@ -402,14 +403,14 @@ def curve(a):
              if (official / "times.json").exists() else None)
     found += [("official", base[stage] + i, f) for stage, i, f in ckpts if i % a.every == 0]
 
-    def official_minutes(stage, i):  # stage times shared evenly over its iterations
+    def official_at(stage, i):  # minutes: stage times shared evenly over its iterations
         spent = times["pretrain_s"] if stage == "self_train" else 0
         return (spent + times[f"{stage.replace('_', '')}_s"] * i / last[stage]) / 60
     model, points = bm.make_model(cfg), []
     for run, it, f in sorted(found, key=lambda r: (r[0], r[1])):
         if run == "official":
             net = official_net(a.data, official, f)
-            minutes = {"minutes": official_minutes(f.parent.name, it - base[f.parent.name])
+            minutes = {"minutes": official_at(f.parent.name, it - base[f.parent.name])
                        } if times else {}
         else:
             snap = torch.load(f, map_location="cpu")
@@ -426,9 +427,10 @@ def curve(a):
     fig = Figure(figsize=(10, 3.6))
     left, right = fig.subplots(1, 2)
     name = {"LA_half": "LA_half, 4 labeled", "ACDC_cpu": "ACDC, 3 labeled patients"}[a.data]
-    for run in ("bcp_minimal", "official"):
+    for run in ("bcp_minimal", "official"):  # official minutes: only if it ran as ours did
         pts = [p for p in points if p["run"] == run]
-        timed_pts = [p for p in pts if "minutes" in p]
+        timed_pts = [p for p in pts if "minutes" in p and (run == "bcp_minimal" or
+                                                           a.official_minutes)]
         if timed_pts:
             left.plot([p["minutes"] for p in timed_pts], [p["dice"] for p in timed_pts], "o-",
                       label=run)
@@ -614,6 +616,8 @@ def main(argv=None):
                       "snapshots every --every iterations scored on val after the run (and the "
                       "official run's checkpoints if --work holds one) -> curve.json, curve.png")
     side.add_argument("--every", type=int, default=600, help="--curve: iterations per snapshot")
+    side.add_argument("--official-minutes", action="store_true", help="--curve: plot the "
+                      "official run's minutes too (when it ran alone on this machine, as ours)")
     side.add_argument("--only", choices=["official", "bcp_minimal"],
                       help="train just this one now (the other is shown if finished in --work)")
     a = p.parse_args(argv)
