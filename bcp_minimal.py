@@ -493,9 +493,9 @@ class Config:
                          "final student, its EMA teacher, or both (ensemble: their mean softmax)"
                          " (official: the student checkpoint that scored best on test (LA) or "
                          "val (ACDC))", ["student", "teacher", "ensemble"])
-    eval_tta: bool = _f(False, "mirror test-time augmentation at --eval / --predict: the mean "
-                        "softmax over the 2^d flips of each window (nnU-Net's; 8x the "
-                        "evaluation time in 3-D, 4x in 2-D; official: none)")
+    eval_tta: bool = _f(False, "mirror test-time augmentation when scoring and predicting: the "
+                        "mean softmax over the 2^d flips of each window (nnU-Net's; 8 forward "
+                        "passes per window in 3-D, 4 in 2-D; official: none)")
     device: str = _f("auto", "auto (cuda, mps, then cpu) | cpu | cuda | mps")
     amp: str = _f("auto", "autocast: bf16 on GPUs of compute capability >= 8.0, fp16 + "
                   "GradScaler on older ones (T4), bf16 on CPUs with AMX or AVX512-BF16; fp32 "
