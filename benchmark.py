@@ -363,7 +363,8 @@ def curve(a):
     """Time to accuracy: bcp_minimal's --data preset (--pretrain-iters, --selftrain-iters) trained with a snapshot of the student every --every iterations, each
     scored on the validation cases after the run (never used to choose anything); and, when
     --work holds the official run of a side by side (`--official DIR --work W --only official`),
-    its checkpoints at the same iterations alike. LA_half trains on train.list minus its last
+    its checkpoints at the same iterations alike. A killed curve run continues from its last
+    checkpoint when run again (its snapshots' minutes go on from that checkpoint's). LA_half trains on train.list minus its last
     --val cases and is scored on those (the side by side's split); ACDC_cpu is scored on
     val.list. The official run's minutes (in curve.json; plotted with --official-minutes): its
     stage times (times.json) shared evenly over each stage's iterations (its evaluations are
@@ -379,16 +380,20 @@ def curve(a):
     cfg = bm.make_config(a.data, root=str(root), seed=a.seed, device="cpu", eval_split="val",
                          pretrain_iters=a.pretrain_iters, selftrain_iters=a.selftrain_iters,
                          out=str(out), log_every=math.gcd(20, a.every), **over)
-    snaps = out / "snapshots"  # log_every above: a log line (and a snapshot) every --every
+    snaps, state, spent = out / "snapshots", None, 0.0  # log_every: a log line every --every
+    if not (out / "final.pt").exists() and (out / "ckpt_last.pt").exists():
+        state = bm.load_checkpoint(out / "ckpt_last.pt")  # a killed curve run goes on from its
+        spent = next(float(r["seconds"]) for r in csv.DictReader(open(out / "log.csv"))  # last
+                     if (r["stage"], int(r["iter"])) == (state["stage"], state["iter"]))  # ckpt
 
-    def keep(stage, it, run, rows):
+    def keep(stage, it, run, rows):  # seconds: as if uninterrupted (the time up to the ckpt)
         if it % a.every == 0:
-            torch.save({"model": run.model.state_dict(), "seconds": float(rows[-1]["seconds"])},
-                       snaps / f"{stage}_{it}.pt")
+            torch.save({"model": run.model.state_dict(), "seconds": spent + float(
+                rows[-1]["seconds"])}, snaps / f"{stage}_{it}.pt")
     if not (out / "final.pt").exists():
         snaps.mkdir(parents=True, exist_ok=True)
         torch.set_num_threads(a.threads)
-        bm.train(cfg, progress=False, on_log=keep)
+        bm.train(cfg, state, progress=False, on_log=keep)
     # (run, iteration counted over both stages, file): ours <stage>_<it>.pt, official iter_<it>_..
     base = {"pretrain": 0, "selftrain": cfg.pretrain_iters, "pre_train": 0,
             "self_train": cfg.pretrain_iters}

@@ -1,11 +1,13 @@
 """benchmark.py runs end to end on a tiny config and times the real training step (its numbers
 are not asserted: timings belong in the script's output, not in tests)."""
+import csv
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import ROOT
 
@@ -131,3 +133,34 @@ def test_acdc_side_by_side_trains_bcp_minimal_at_the_given_budget(tmp_path):
     assert [r["run"] for r in res] == ["bcp_minimal ACDC_cpu (U-Net)"] and 0 <= res[0]["val_dice"] <= 1
     cfg = json.loads((tmp_path / "w" / "bcp_minimal" / "config.json").read_text())
     assert (cfg["pretrain_iters"], cfg["selftrain_iters"]) == (2, 4)
+
+
+def test_a_killed_curve_run_resumes_and_its_minutes_go_on(tmp_path, monkeypatch):
+    from make_samples import make_acdc_samples
+
+    root = make_acdc_samples(tmp_path / "ACDC", False, 6, 3, (40, 36))
+    argv = ["--curve", "--data", "ACDC_cpu", "--root", str(root), "--work", str(tmp_path / "w"),
+            "--pretrain-iters", "2", "--selftrain-iters", "4", "--every", "2", "--threads", "1"]
+    real, calls = bm.train, []
+
+    def killed(cfg, state=None, progress=True, on_log=None):  # dies at self-training iteration 2
+        def hook(stage, it, run, rows):
+            on_log(stage, it, run, rows)
+            if stage == "selftrain" and it == 2:
+                raise KeyboardInterrupt
+        return real(cfg, state, progress, hook)
+    monkeypatch.setattr(bm, "train", killed)
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.main(argv)
+    out = tmp_path / "w" / "curve_s1337"
+    assert not (out / "final.pt").exists() and bm.load_checkpoint(out / "ckpt_last.pt")["stage"] == "pretrain"
+    spent = next(float(r["seconds"]) for r in csv.DictReader(open(out / "log.csv"))
+                 if (r["stage"], r["iter"]) == ("pretrain", "2"))  # the checkpoint's time
+    monkeypatch.setattr(bm, "train", lambda cfg, state=None, **k: calls.append(state) or real(cfg, state, **k))
+    points = benchmark.main(argv)
+    assert calls[0] is not None and (calls[0]["stage"], calls[0]["iter"]) == ("pretrain", 2)
+    assert [p["iter"] for p in points] == [2, 4, 6]
+    again = {int(r["iter"]): float(r["seconds"]) for r in csv.DictReader(open(out / "log.csv"))
+             if r["stage"] == "selftrain"}  # seconds of the resumed process
+    for p, it in zip(points[1:], (2, 4)):  # after the kill: the checkpoint's time + the new time
+        assert p["minutes"] * 60 == pytest.approx(spent + again[it], abs=1e-6)
