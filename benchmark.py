@@ -360,15 +360,16 @@ def official_net(data, code, path):
 
 
 def curve(a):
-    """Time to accuracy: bcp_minimal's --data preset (--pretrain-iters, --selftrain-iters) trained with a snapshot of the student every --every iterations, each
-    scored on the validation cases after the run (never used to choose anything); and, when
-    --work holds the official run of a side by side (`--official DIR --work W --only official`),
-    its checkpoints at the same iterations alike. A killed curve run continues from its last
-    checkpoint when run again (its snapshots' minutes go on from that checkpoint's). LA_half trains on train.list minus its last
-    --val cases and is scored on those (the side by side's split); ACDC_cpu is scored on
-    val.list. The official run's minutes (in curve.json; plotted with --official-minutes): its
-    stage times (times.json) shared evenly over each stage's iterations (its evaluations are
-    switched off: every iteration costs alike).
+    """Time to accuracy: bcp_minimal's --data preset (--pretrain-iters, --selftrain-iters)
+    trained with a snapshot of the student every --every iterations, each scored on the
+    validation cases after the run (never used to choose anything); and, when --work holds the
+    official run of a side by side (`--official DIR --work W --only official`), its checkpoints
+    at the same iterations alike. LA_half trains on train.list minus its last --val cases and is
+    scored on those (the side by side's split); ACDC_cpu is scored on val.list. A killed curve
+    run continues from its last checkpoint when run again (its snapshots' minutes go on from
+    that checkpoint's). The official run's minutes (in curve.json; plotted with
+    --official-minutes): its stage times (times.json) shared evenly over each stage's
+    iterations (its evaluations are switched off: every iteration costs alike).
     -> work/curve.json and work/curve.png (val Dice against wall-clock minutes and iterations)."""
     work = Path(a.work or tempfile.mkdtemp(prefix="bcp_curve_"))
     out, over = work / f"curve_s{a.seed}", {}
@@ -409,8 +410,8 @@ def curve(a):
     found += [("official", base[stage] + i, f) for stage, i, f in ckpts if i % a.every == 0]
 
     def official_at(stage, i):  # minutes: stage times shared evenly over its iterations
-        spent = times["pretrain_s"] if stage == "self_train" else 0
-        return (spent + times[f"{stage.replace('_', '')}_s"] * i / last[stage]) / 60
+        before = times["pretrain_s"] if stage == "self_train" else 0
+        return (before + times[f"{stage.replace('_', '')}_s"] * i / last[stage]) / 60
     model, points = bm.make_model(cfg), []
     for run, it, f in sorted(found, key=lambda r: (r[0], r[1])):
         if run == "official":
