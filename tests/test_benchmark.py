@@ -119,6 +119,17 @@ def test_la_curve_adds_the_official_checkpoints_at_the_same_iterations(tiny_data
     cfg = bm.load_checkpoint(tmp_path / "w" / "curve_s1337" / "final.pt")["cfg"]
     assert (Path(cfg["root"]) / "val.list").read_text().split() == (tiny_data / "train.list").read_text().split()[-2:]
     assert json.loads((tmp_path / "w" / "curve.json").read_text())["data"] == "LA_half"
+    from matplotlib.figure import Figure
+
+    drawn = []  # the minutes panel shows the official run only with --official-minutes
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: drawn.append(
+        [line.get_label() for line in fig.axes[0].get_lines()]))
+    for flag in ([], ["--official-minutes"]):
+        benchmark.main(["--curve", "--root", str(tiny_data), "--work", str(tmp_path / "w"), "--val", "2",
+                        "--labeled", "2", "--patch", "16", "16", "16", "--eval-stride", "8", "8", "8",
+                        "--pretrain-iters", "2", "--selftrain-iters", "4", "--every", "2", "--threads",
+                        "1", *flag])  # final.pt exists: scored again, not trained
+    assert drawn == [["bcp_minimal"], ["bcp_minimal", "official"]]
 
 
 def test_acdc_side_by_side_trains_bcp_minimal_at_the_given_budget(tmp_path):
