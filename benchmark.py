@@ -534,14 +534,9 @@ def side_by_side(a):
     wall = run_once(code, official, bool(a.official) and a.only != "bcp_minimal")
     if wall is not None:
         times = json.loads((code / "times.json").read_text())
-        sys.path.insert(0, str(code))
-        from networks.VNet import VNet
-
-        net = VNet(n_channels=1, n_classes=2, normalization="batchnorm", has_dropout=False)
-        net.load_state_dict(torch.load(code / "model/self_train/VNet_best_model.pth",
-                                       map_location=device))
+        net = official_net("LA_half", code, code / "model/self_train/VNet_best_model.pth")
         rows.append(("official BCP (VNet)", times["pretrain_s"], times["selftrain_s"], wall,
-                     _Logits(net).to(device)))
+                     net.to(device)))
     out = work / "bcp_minimal"
     flags = ["--data", "LA_half", "--root", str(root), "--labeled", str(a.labeled), "--patch",
              *map(str, a.patch), "--pretrain-iters", str(a.pretrain_iters), "--selftrain-iters",
