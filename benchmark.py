@@ -442,7 +442,8 @@ def curve(a):
                       label=run)
         if pts:
             right.plot([p["iter"] for p in pts], [p["dice"] for p in pts], "o-", label=run)
-    left.set(xlabel=f"wall-clock minutes ({a.threads} threads)", ylabel="val Dice",
+    left.set(xlabel=f"wall-clock minutes ({a.threads} thread{'s' * (a.threads > 1)})",
+             ylabel="val Dice",
              title=f"{name}: time to accuracy\n{cpu_info().split(',')[0]}")
     right.axvline(cfg.pretrain_iters, color="gray", lw=0.8, ls=":")
     right.set(xlabel="iteration (pre-training, then self-training)", title=f"seed {a.seed}")
@@ -551,15 +552,15 @@ def side_by_side(a):
         t_self = float(log[-1]["seconds"]) - t_pre
         final = bm.load_checkpoint(out / "final.pt")
         trained = bm.config_from_checkpoint(final, {})  # its width, dropout: the nets to score
-        kept = {"student": "model", "teacher": "teacher"}[trained.eval_model]  # what the run
+        kept = {"student": {"model"}, "teacher": {"teacher"},  # the weights the run scores
+                "ensemble": {"model", "teacher"}}[trained.eval_model]
         for key, name in (("model", "bcp_minimal student"), ("teacher", "its EMA teacher")):
-            model = bm.make_model(trained).to(device)  # scores, predicts with (--eval-model): *
+            model = bm.make_model(trained).to(device)  # and predicts with (--eval-model): *
             model.load_state_dict(final[key])
-            rows.append((name + " *" * (key == kept), t_pre, t_self, wall, model))
+            rows.append((name + " *" * (key in kept), t_pre, t_self, wall, model))
     ctx = bm.amp_setup("auto", device)[0]()  # bcp_minimal's own choice of precision
     prec = ("fp32" if isinstance(ctx, contextlib.nullcontext) else
-            {torch.bfloat16: "bf16", torch.float16: "fp16"}[ctx.fast_dtype]
-            + " (AMX)" * (device.type == "cpu"))
+            {torch.bfloat16: "bf16", torch.float16: "fp16"}[ctx.fast_dtype])
     where = (torch.cuda.get_device_name() if device.type == "cuda" else
              f"{a.threads} threads, {cpu_info()}")
     print(f"\n{a.labeled} labeled, {a.pretrain_iters} + {a.selftrain_iters} iterations, patch "

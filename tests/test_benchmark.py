@@ -78,6 +78,10 @@ def test_side_by_side_trains_and_scores_bcp_minimal(tiny_data, tmp_path):
     log = (tmp_path / "w" / "bcp_minimal" / "log.csv").read_text()
     assert benchmark.main(argv)[0]["wall_s"] == res[0]["wall_s"]  # reused, not retrained
     assert (tmp_path / "w" / "bcp_minimal" / "log.csv").read_text() == log
+    final = tmp_path / "w" / "bcp_minimal" / "final.pt"  # a run that scores the ensemble: both *
+    state = torch.load(final, weights_only=False)
+    torch.save({**state, "cfg": {**state["cfg"], "eval_model": "ensemble"}}, final)
+    assert [r["run"] for r in benchmark.main(argv)] == ["bcp_minimal student *", "its EMA teacher *"]
 
 
 def test_acdc_curve_scores_a_snapshot_every_n_iterations(tmp_path):
