@@ -426,10 +426,15 @@ class VolumeSampler:
         # ending a crop at the far border (measured on the phantoms: docs/choices.md)
         corner = [self.randint(s - c + 1) for s, c in zip(self.images[i].shape, size)]
         crop = tuple(slice(a, a + c) for a, c in zip(corner, size))
-        out = [None if v is None else torch.rot90(v[crop], k, (0, 1))
-               for v in (self.images[i], self.labels and self.labels[i])]
-        return tuple(None if v is None else rotate_nearest(v, angle) if angle else
-                     v if flip is None else v.flip(flip) for v in out)
+
+        def posed(v):  # the same draw for image and label: a turn, then a rotation or a flip
+            if v is None:
+                return None
+            v = torch.rot90(v[crop], k, (0, 1))
+            if angle:
+                return rotate_nearest(v, angle)
+            return v if flip is None else v.flip(flip)
+        return posed(self.images[i]), posed(self.labels and self.labels[i])
 
     def batch(self, indices):
         """-> images (B, 1, *patch) float, labels (B, *patch) long (None: unlabeled)."""
