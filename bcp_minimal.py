@@ -499,8 +499,8 @@ class Config:
                          " (official: the student checkpoint that scored best on test (LA) or "
                          "val (ACDC))", ["student", "teacher", "ensemble"])
     eval_tta: bool = _f(False, "mirror test-time augmentation when scoring and predicting: the "
-                        "mean softmax over the 2^d flips of each window (nnU-Net's; 8 forward "
-                        "passes per window in 3-D, 4 in 2-D; official: none)")
+                        "mean softmax over the 4 flips in x and y of each window (nnU-Net's, "
+                        "never along z: 4 forward passes per window; official: none)")
     device: str = _f("auto", "auto (cuda, mps, then cpu) | cpu | cuda | mps")
     amp: str = _f("auto", "autocast: bf16 on GPUs of compute capability >= 8.0, fp16 + "
                   "GradScaler on older ones (T4), bf16 on CPUs with AMX or AVX512-BF16; fp32 "
@@ -824,19 +824,21 @@ def sliding_window_predict(model, image, patch, stride, batch=4):
     return (probs / count)[(slice(None), *(slice(p // 2, p // 2 + s) for p, s in zip(pads, S)))]
 
 class Averaged(nn.Module):
-    """Test-time ensembles as one model: the mean softmax of `models`, each over the 2^d mirror
-    images of its input if `mirror` (flip the window, predict, flip back: nnU-Net's test-time
-    augmentation). Returns log(mean p): its softmax is the mean p and its argmax that of the
-    mean, so the sliding window and the 2-D path take it as they take a model's logits."""
+    """Test-time ensembles as one model: the mean softmax of `models`, each over the 4 mirror
+    images of its input in x and y if `mirror` (flip the window, predict, flip back: nnU-Net's
+    test-time augmentation, restricted to the flips training draws). Returns log(mean p): its
+    softmax is the mean p and its argmax that of the mean, so the sliding window and the 2-D
+    path take it as they take a model's logits."""
 
     def __init__(self, models, mirror=False):
         super().__init__()
         self.models, self.mirror = nn.ModuleList(models), mirror
 
     def forward(self, x):  # (B, C, *S) -> (B, K, *S)
-        axes = range(2, x.dim())
-        flips = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)
-                 ] if self.mirror else [()]  # 3-D: (), (2,), (3,), (4,), (2, 3), ..., (2, 3, 4)
+        # Deviation from nnU-Net (which mirrors every axis): x and y only (dims 2, 3), the flips
+        # VolumeSampler trains with; 3-D never along z (LA_half val: docs/choices.md)
+        flips = [c for r in range(3) for c in itertools.combinations((2, 3), r)
+                 ] if self.mirror else [()]  # (), (2,), (3,), (2, 3)
         p = [m(x.flip(f)).softmax(1).flip(f) for m in self.models for f in flips]
         return torch.stack(p).mean(0).log()
 
