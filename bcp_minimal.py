@@ -837,8 +837,7 @@ class Averaged(nn.Module):
     def forward(self, x):  # (B, C, *S) -> (B, K, *S)
         # Deviation from nnU-Net (which mirrors every axis): x and y only (dims 2, 3), the flips
         # VolumeSampler trains with; 3-D never along z (LA_half val: docs/choices.md)
-        flips = [c for r in range(3) for c in itertools.combinations((2, 3), r)
-                 ] if self.mirror else [()]  # (), (2,), (3,), (2, 3)
+        flips = [(), (2,), (3,), (2, 3)] if self.mirror else [()]
         p = [m(x.flip(f)).softmax(1).flip(f) for m in self.models for f in flips]
         return torch.stack(p).mean(0).log()
 
