@@ -299,6 +299,7 @@ def side_by_side_acdc(a):
                      net))
     out = work / "bcp_minimal"
     flags = ["--data", "ACDC_cpu", "--root", str(root), "--seed", str(a.seed), "--device", "cpu",
+             "--amp", a.amp,
              "--pretrain-iters", str(cfg.pretrain_iters), "--selftrain-iters",
              str(cfg.selftrain_iters), "--out", str(out)]
     wall = run_once(out, lambda: subprocess.run(
@@ -313,7 +314,8 @@ def side_by_side_acdc(a):
                      wall, model))
     print(f"\nACDC, {cfg.labeled} labeled patients, {cfg.pretrain_iters} + "
           f"{cfg.selftrain_iters} iterations, crop {cfg.patch}, batch {cfg.batch_size}, seed "
-          f"{a.seed}; {a.threads} threads, {cpu_info()}; scored on val.list, last checkpoints\n")
+          f"{a.seed}; {threads(a)}, {cpu_info()}; bcp_minimal --amp {a.amp}; scored on val.list, "
+          "last checkpoints\n")
     print("| run | s/it pre-train | s/it self-train | wall (min) | val Dice | RV | Myo | LV | "
           "val 95HD |\n|---|---|---|---|---|---|---|---|---|")
     result = []
@@ -442,7 +444,7 @@ def curve(a):
                       label=run)
         if pts:
             right.plot([p["iter"] for p in pts], [p["dice"] for p in pts], "o-", label=run)
-    left.set(xlabel=f"wall-clock minutes ({a.threads} thread{'s' * (a.threads > 1)})",
+    left.set(xlabel=f"wall-clock minutes ({threads(a)})",
              ylabel="val Dice",
              title=f"{name}: time to accuracy\n{cpu_info().split(',')[0]}")
     right.axvline(cfg.pretrain_iters, color="gray", lw=0.8, ls=":")
@@ -481,6 +483,10 @@ def patch_official(official, work, patches=OFFICIAL_PATCHES, driver=DRIVER):
         (work / rel).write_text(text.replace(old, new))
         print(f"official patch, {rel}: `{old}` -> `{new}` ({why})")
     (work / "driver.py").write_text(driver)
+
+
+def threads(a):
+    return f"{a.threads} thread{'s' * (a.threads > 1)}"
 
 
 class _Logits(torch.nn.Module):
@@ -542,7 +548,8 @@ def side_by_side(a):
     flags = ["--data", "LA_half", "--root", str(root), "--labeled", str(a.labeled), "--patch",
              *map(str, a.patch), "--pretrain-iters", str(a.pretrain_iters), "--selftrain-iters",
              str(a.selftrain_iters), "--eval-stride", *map(str, a.eval_stride), "--seed",
-             str(a.seed), "--device", device.type, "--eval-split", "val", "--out", str(out)]
+             str(a.seed), "--device", device.type, "--amp", a.amp, "--eval-split", "val",
+             "--out", str(out)]
     wall = run_once(out, lambda: subprocess.run(
         [sys.executable, str(Path(__file__).parent / "bcp_minimal.py"), *flags], env=env,
         check=True), a.only != "official")
@@ -558,11 +565,11 @@ def side_by_side(a):
             model = bm.make_model(trained).to(device)  # and predicts with (--eval-model): *
             model.load_state_dict(final[key])
             rows.append((name + " *" * (key in kept), t_pre, t_self, wall, model))
-    ctx = bm.amp_setup("auto", device)[0]()  # bcp_minimal's own choice of precision
+    ctx = bm.amp_setup(a.amp, device)[0]()  # bcp_minimal's precision (--amp off: fp32 too)
     prec = ("fp32" if isinstance(ctx, contextlib.nullcontext) else
             {torch.bfloat16: "bf16", torch.float16: "fp16"}[ctx.fast_dtype])
     where = (torch.cuda.get_device_name() if device.type == "cuda" else
-             f"{a.threads} threads, {cpu_info()}")
+             f"{threads(a)}, {cpu_info()}")
     print(f"\n{a.labeled} labeled, {a.pretrain_iters} + {a.selftrain_iters} iterations, patch "
           f"{a.patch}, {where}; official fp32, bcp_minimal {prec}; held-out: {a.val} validation "
           f"cases (end of train.list) and test.list; the same fp32 evaluation for both\n")
@@ -577,7 +584,9 @@ def side_by_side(a):
         result.append({"run": name, "pretrain_s": tp, "selftrain_s": ts, "wall_s": wall,
                        **{f"{s}_{k}": m[s][k] for s in m for k in ("dice", "jaccard", "hd95", "asd")},
                        **{f"{s}_cases": m[s]["cases"] for s in m}})  # per case, for a closer look
-    print("\n* the weights bcp_minimal scores after training and --predict uses (--eval-model)")
+    if any(name.endswith("*") for name, *_ in rows):
+        print("\n* the weights bcp_minimal scores after training and --predict uses "
+              "(--eval-model)")
     (work / "side_by_side.json").write_text(json.dumps(result, indent=2))
     print(f"\nall files in {work}")
     return result

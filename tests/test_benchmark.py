@@ -66,12 +66,13 @@ def test_driver_makes_cuda_a_no_op_only_off_cuda():
 
 def test_side_by_side_trains_and_scores_bcp_minimal(tiny_data, tmp_path):
     """The side-by-side mode without --official: bcp_minimal trains through its command line on
-    the split, then student and teacher are scored on the held-out lists; a second call reuses
-    the finished run instead of training again."""
+    the split (--amp passed on: fp32 on both sides), then student and teacher are scored on the
+    held-out lists; a second call reuses the finished run instead of training again."""
     argv = ["--side-by-side", "--root", str(tiny_data), "--work", str(tmp_path / "w"), "--val", "2",
             "--labeled", "2", "--pretrain-iters", "2", "--selftrain-iters", "2", "--patch", "16",
-            "16", "16", "--eval-stride", "8", "8", "8", "--device", "cpu", "--threads", "1"]
+            "16", "16", "--eval-stride", "8", "8", "8", "--device", "cpu", "--threads", "1", "--amp", "off"]
     res = benchmark.main(argv)
+    assert json.loads((tmp_path / "w" / "bcp_minimal" / "config.json").read_text())["amp"] == "off"
     assert [r["run"] for r in res] == ["bcp_minimal student *", "its EMA teacher"]
     assert all(0 <= r[f"{s}_dice"] <= 1 for r in res for s in ("val", "test"))
     assert [c["case"] for c in res[0]["val_cases"]] == (tiny_data / "train.list").read_text().split()[-2:]
@@ -144,10 +145,10 @@ def test_acdc_side_by_side_trains_bcp_minimal_at_the_given_budget(tmp_path):
     root = make_acdc_samples(tmp_path / "ACDC", False, 6, 3, (40, 36))
     res = benchmark.main(["--side-by-side", "--data", "ACDC_cpu", "--root", str(root), "--work",
                           str(tmp_path / "w"), "--pretrain-iters", "2", "--selftrain-iters", "4",
-                          "--threads", "1"])
+                          "--threads", "1", "--amp", "off"])
     assert [r["run"] for r in res] == ["bcp_minimal ACDC_cpu (U-Net)"] and 0 <= res[0]["val_dice"] <= 1
     cfg = json.loads((tmp_path / "w" / "bcp_minimal" / "config.json").read_text())
-    assert (cfg["pretrain_iters"], cfg["selftrain_iters"]) == (2, 4)
+    assert (cfg["pretrain_iters"], cfg["selftrain_iters"], cfg["amp"]) == (2, 4, "off")
 
 
 def test_a_killed_curve_run_resumes_and_its_minutes_go_on(tmp_path, monkeypatch):
