@@ -39,31 +39,35 @@ import torch.nn.functional as F
 
 # 1. The network: a plain U-Net (the paper: V-Net; BCP works with any encoder-decoder) -------
 
-class ConvBlock(nn.Sequential):  # (conv 3^d -> BatchNorm -> ReLU) x 2
-    def __init__(self, cin, cout, dims):
+class ConvBlock(nn.Sequential):  # (conv 3^d -> BatchNorm -> ReLU) x n
+    def __init__(self, cin, cout, dims, n=2):
         Conv, Norm = (nn.Conv3d, nn.BatchNorm3d) if dims == 3 else (nn.Conv2d, nn.BatchNorm2d)
-        super().__init__(Conv(cin, cout, 3, padding=1, bias=False), Norm(cout), nn.ReLU(True),
-                         Conv(cout, cout, 3, padding=1, bias=False), Norm(cout), nn.ReLU(True))
+        super().__init__(*[layer for i in range(n) for layer in (
+            Conv(cout if i else cin, cout, 3, padding=1, bias=False), Norm(cout), nn.ReLU(True))])
 
 class UNet(nn.Module):
     """U-Net, 4 poolings, widths w..16w: (B, C, *S) -> logits (B, K, *S); sides divide by 16.
     Deviations: official LA uses a V-Net, whose channel dropout (p 0.5) `dropout` puts on the same
     two places (bottleneck, last features); official ACDC's UNet_2d has LeakyReLU, bilinear
-    upsampling and encoder dropout 0.05-0.5 (ACDC presets: none; measured in docs/choices.md)."""
+    upsampling and encoder dropout 0.05-0.5 (ACDC presets: none; measured in docs/choices.md).
+    top_convs=1: one convolution, not two, in each full-resolution block (enc0, dec0), as the
+    V-Net's top level has; that level costs most on a CPU (docs/choices.md)."""
 
-    def __init__(self, in_channels=1, num_classes=2, width=16, dims=3, dropout=0.0):
+    def __init__(self, in_channels=1, num_classes=2, width=16, dims=3, dropout=0.0, top_convs=2):
         super().__init__()
         self.drop = (nn.Dropout3d if dims == 3 else nn.Dropout2d)(dropout)
         c = [width * 2**i for i in range(5)]  # [w, 2w, 4w, 8w, 16w]
         Up = nn.ConvTranspose3d if dims == 3 else nn.ConvTranspose2d
         self.pool = nn.MaxPool3d(2) if dims == 3 else nn.MaxPool2d(2)
-        self.enc0, self.enc1 = ConvBlock(in_channels, c[0], dims), ConvBlock(c[0], c[1], dims)
+        self.enc0 = ConvBlock(in_channels, c[0], dims, top_convs)
+        self.enc1 = ConvBlock(c[0], c[1], dims)
         self.enc2, self.enc3 = ConvBlock(c[1], c[2], dims), ConvBlock(c[2], c[3], dims)
         self.enc4 = ConvBlock(c[3], c[4], dims)  # the bottleneck
         self.up4, self.dec3 = Up(c[4], c[3], 2, stride=2), ConvBlock(2 * c[3], c[3], dims)
         self.up3, self.dec2 = Up(c[3], c[2], 2, stride=2), ConvBlock(2 * c[2], c[2], dims)
         self.up2, self.dec1 = Up(c[2], c[1], 2, stride=2), ConvBlock(2 * c[1], c[1], dims)
-        self.up1, self.dec0 = Up(c[1], c[0], 2, stride=2), ConvBlock(2 * c[0], c[0], dims)
+        self.up1 = Up(c[1], c[0], 2, stride=2)
+        self.dec0 = ConvBlock(2 * c[0], c[0], dims, top_convs)  # top_convs: 2, or 1 (V-Net-like)
         self.head = (nn.Conv3d if dims == 3 else nn.Conv2d)(c[0], num_classes, 1)
 
     def forward(self, x):
@@ -470,6 +474,8 @@ class Config:
     patch: tuple = _f((32, 32, 32), "training crop X Y Z (2-D: X Y), sides multiples of 16")
     batch_size: int = _f(8, "crops per iteration: half labeled, half unlabeled")
     width: int = _f(8, "U-Net base width (channels of the first level)")
+    top_convs: int = _f(2, "convolutions in each full-resolution U-Net block: 2, or 1 as the "
+                        "V-Net's top level (less time per step on a CPU)", [1, 2])
     dropout: float = _f(0.0, "channel dropout on the bottleneck and last features (official 0.5)")
     rotate: int = _f(0, "augmentation. 0: a 90-degree turn and a flip every draw (official "
                      "LA); R: half the draws so, a quarter turned by an integer angle in [-R, R) "
@@ -562,7 +568,7 @@ def class_names(cfg):
 
 def config_from_checkpoint(state, given):
     """--resume and --eval: the run's config, flags given now on top (only RUNTIME ones)."""
-    saved = {"rotate": 0, "eval_tta": False, **state["cfg"]}  # older runs: no rotation, no TTA
+    saved = {"rotate": 0, "eval_tta": False, "top_convs": 2, **state["cfg"]}  # older runs
     fixed = sorted(k for k, v in given.items() if k not in RUNTIME and v != saved.get(k))
     if fixed:
         raise UserError(f"--{fixed[0].replace('_', '-')}: fixed by the checkpoint's run; only "
@@ -592,6 +598,7 @@ def check_config(cfg):
          f"foreground class, {cfg.num_classes - 1} for --num-classes {cfg.num_classes}"),
         (len(cfg.window) == 2 and cfg.window[0] < cfg.window[1], "--window LOW HIGH, LOW < HIGH"),
         (0 <= cfg.rotate <= 180, f"--rotate {cfg.rotate}: degrees in [0, 180]"),
+        (cfg.top_convs in (1, 2), f"--top-convs {cfg.top_convs}: 1 or 2"),
         (not cfg.spacing or (len(cfg.spacing) == len(cfg.patch) == 3 and min(cfg.spacing) > 0),
          "--spacing X Y Z (mm, > 0), for 3-D data only")] if not ok]
     if bad:
@@ -683,9 +690,9 @@ def dist_setup(cfg):
     return int(os.environ.get("RANK", 0)), world
 
 def make_model(cfg, device="cpu"):
-    """The U-Net a config describes (classes, width, 2-D/3-D from the patch, dropout)."""
+    """The U-Net a config describes (classes, width, 2-D/3-D from the patch, dropout, top)."""
     dims = len(cfg.patch)
-    return UNet(1, cfg.num_classes, cfg.width, dims, cfg.dropout).to(
+    return UNet(1, cfg.num_classes, cfg.width, dims, cfg.dropout, cfg.top_convs).to(
         device, memory_format=MEMORY_FORMAT[dims])
 
 def make_run(cfg):

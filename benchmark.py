@@ -548,8 +548,8 @@ def side_by_side(a):
     flags = ["--data", "LA_half", "--root", str(root), "--labeled", str(a.labeled), "--patch",
              *map(str, a.patch), "--pretrain-iters", str(a.pretrain_iters), "--selftrain-iters",
              str(a.selftrain_iters), "--eval-stride", *map(str, a.eval_stride), "--seed",
-             str(a.seed), "--device", device.type, "--amp", a.amp, "--eval-split", "val",
-             "--out", str(out)]
+             str(a.seed), "--device", device.type, "--amp", a.amp, "--top-convs",
+             str(a.top_convs), "--eval-split", "val", "--out", str(out)]
     wall = run_once(out, lambda: subprocess.run(
         [sys.executable, str(Path(__file__).parent / "bcp_minimal.py"), *flags], env=env,
         check=True), a.only != "official")
@@ -598,6 +598,8 @@ def main(argv=None):
     p.add_argument("--patch", type=int, nargs=3, default=[112, 112, 80], help="training crop")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--width", type=int, default=16)
+    p.add_argument("--top-convs", type=int, choices=[1, 2], default=2,
+                   help="convolutions per full-resolution U-Net block (bcp_minimal --top-convs)")
     p.add_argument("--iters", type=int, default=5, help="timed iterations")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     p.add_argument("--device", default="auto")
@@ -651,12 +653,12 @@ def main(argv=None):
     device = bm.pick_device(a.device)
     torch.backends.cudnn.benchmark = True
     cfg = bm.make_config("LA", patch=tuple(a.patch), batch_size=a.batch_size, width=a.width,
-                         amp=a.amp, device=str(device))
+                         top_convs=a.top_convs, amp=a.amp, device=str(device))
     res = {"machine": {"device": torch.cuda.get_device_name() if device.type == "cuda"
                        else cpu_info(), "threads": torch.get_num_threads(),
                        "torch": torch.__version__},
            "config": {"patch": a.patch, "batch_size": a.batch_size, "width": a.width,
-                      "data": a.root or "synthetic"}}
+                      "top_convs": a.top_convs, "data": a.root or "synthetic"}}
     run = make_run(cfg, device, a.root)
     res["steps"] = bench_steps(run, device, a.iters, a.warmup)
     res["selftrain_parts"] = bench_parts(run, device, a.iters, a.warmup)

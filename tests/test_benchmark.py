@@ -18,13 +18,14 @@ import benchmark
 def test_benchmark_times_the_real_step(tmp_path, monkeypatch):
     calls = []
     real = bm.train_step
-    monkeypatch.setattr(bm, "train_step", lambda run, stage: (calls.append(stage), real(run, stage))[1])
+    monkeypatch.setattr(bm, "train_step", lambda run, stage: (
+        calls.append((stage, len(run.model.enc0))), real(run, stage))[1])  # enc0: 3 = one conv
     out = tmp_path / "bench.json"
     benchmark.main(["--patch", "16", "16", "16", "--width", "2", "--iters", "1", "--warmup", "1",
                     "--root", str(ROOT / "data_samples"), "--eval-root", str(ROOT / "data_samples"),
                     "--eval-patch", "16", "16", "16", "--eval-stride", "16", "16", "16", "--metrics",
-                    "--device", "cpu", "--json", str(out)])
-    assert calls == ["pretrain"] * 2 + ["selftrain"] * 2  # warm-up + timed, of bm.train_step itself
+                    "--device", "cpu", "--json", str(out), "--top-convs", "1"])
+    assert calls == [("pretrain", 3)] * 2 + [("selftrain", 3)] * 2  # warm-up + timed, the real step
     res = json.loads(out.read_text())
     assert set(res["steps"]) == {"pretrain_s_per_it", "selftrain_s_per_it"}
     assert abs(sum(p["share"] for p in res["selftrain_parts"].values()) - 1) < 1e-6
@@ -66,13 +67,14 @@ def test_driver_makes_cuda_a_no_op_only_off_cuda():
 
 def test_side_by_side_trains_and_scores_bcp_minimal(tiny_data, tmp_path):
     """The side-by-side mode without --official: bcp_minimal trains through its command line on
-    the split (--amp passed on: fp32 on both sides), then student and teacher are scored on the
+    the split (--amp, --top-convs passed on), then student and teacher are scored on the
     held-out lists; a second call reuses the finished run instead of training again."""
     argv = ["--side-by-side", "--root", str(tiny_data), "--work", str(tmp_path / "w"), "--val", "2",
             "--labeled", "2", "--pretrain-iters", "2", "--selftrain-iters", "2", "--patch", "16",
-            "16", "16", "--eval-stride", "8", "8", "8", "--device", "cpu", "--threads", "1", "--amp", "off"]
+            "16", "16", "--eval-stride", "8", "8", "8", "--device", "cpu", "--threads", "1", "--amp", "off", "--top-convs", "1"]
     res = benchmark.main(argv)
-    assert json.loads((tmp_path / "w" / "bcp_minimal" / "config.json").read_text())["amp"] == "off"
+    cfg = json.loads((tmp_path / "w" / "bcp_minimal" / "config.json").read_text())
+    assert (cfg["amp"], cfg["top_convs"]) == ("off", 1)  # passed on; scored as that network
     assert [r["run"] for r in res] == ["bcp_minimal student *", "its EMA teacher"]
     assert all(0 <= r[f"{s}_dice"] <= 1 for r in res for s in ("val", "test"))
     assert [c["case"] for c in res[0]["val_cases"]] == (tiny_data / "train.list").read_text().split()[-2:]

@@ -264,7 +264,7 @@ def test_resume_with_another_number_of_processes_is_refused(capsys, data, tmp_pa
     assert code == 2 and "the run had 2 processes, not 1" in err
 
 
-def test_a_checkpoint_from_before_rotate_keeps_its_augmentation_and_scoring():
+def test_a_checkpoint_from_before_rotate_keeps_its_augmentation_and_scoring(monkeypatch):
     # ACDC presets now draw the official ACDC poses (rotate 20); a run saved before the field
     # existed drew rotate 0's, and resuming or evaluating it must not change that
     saved = dataclasses.asdict(bm.make_config("ACDC_cpu"))
@@ -278,3 +278,10 @@ def test_a_checkpoint_from_before_rotate_keeps_its_augmentation_and_scoring():
     del saved["eval_tta"]
     assert not bm.config_from_checkpoint({"cfg": saved}, {}).eval_tta
     assert bm.config_from_checkpoint({"cfg": saved}, {"eval_tta": True}).eval_tta
+    # and the network: a run saved before --top-convs had two convolutions at the top level,
+    # also if its preset has one now
+    monkeypatch.setitem(bm.PRESETS, "ACDC_cpu", {**bm.PRESETS["ACDC_cpu"], "top_convs": 1})
+    del saved["top_convs"]
+    assert bm.config_from_checkpoint({"cfg": saved}, {}).top_convs == 2
+    with pytest.raises(bm.UserError, match="--top-convs: fixed by the checkpoint"):
+        bm.config_from_checkpoint({"cfg": saved}, {"top_convs": 1})

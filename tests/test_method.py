@@ -248,6 +248,30 @@ def test_unet_2d_and_size_rule():
 
 
 @pytest.mark.parametrize("dims", [3, 2])
+def test_top_convs_1_keeps_one_convolution_in_each_full_resolution_block(dims):
+    """--top-convs 1: enc0 (1 -> w) and dec0 (2w -> w) hold one conv -> BatchNorm -> ReLU each,
+    as the V-Net's top level; every other block keeps two. The network is the full U-Net less
+    exactly two w -> w convolutions (w * w * 3^d weights) and their BatchNorms (2w each); the
+    default's key names are unchanged, so its checkpoints load."""
+    w, k = 4, 3**dims
+    full, lite = bm.UNet(1, 2, w, dims), bm.UNet(1, 2, w, dims, top_convs=1)
+    blocks = ["enc0", "enc1", "enc2", "enc3", "enc4", "dec3", "dec2", "dec1", "dec0"]
+    convs = [[(c.in_channels, c.out_channels) for c in getattr(lite, b).modules()
+              if isinstance(c, (torch.nn.Conv2d, torch.nn.Conv3d))] for b in blocks]
+    assert convs[0] == [(1, w)] and convs[-1] == [(2 * w, w)] and all(len(c) == 2 for c in convs[1:-1])
+    assert [type(m).__name__ for m in lite.enc0] == [f"Conv{dims}d", f"BatchNorm{dims}d", "ReLU"]
+    size = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+    assert size(full) - size(lite) == 2 * (w * w * k + 2 * w)
+    assert list(full.state_dict())[:7] == [f"enc0.{i}.{n}" for i, n in [
+        (0, "weight"), (1, "weight"), (1, "bias"), (1, "running_mean"), (1, "running_var"),
+        (1, "num_batches_tracked"), (3, "weight")]]
+    with torch.no_grad():
+        assert lite.eval()(torch.randn(2, 1, *[32] * dims)).shape == (2, 2, *[32] * dims)
+    net = bm.make_model(bm.make_config("sample", top_convs=1))  # the flag reaches the network
+    assert len(net.enc0) == len(net.dec0) == 3 and len(net.enc1) == 6
+
+
+@pytest.mark.parametrize("dims", [3, 2])
 def test_dropout_zeroes_whole_channels_of_bottleneck_and_last_features_in_train_only(dims):
     """--dropout p: as the official V-Net's Dropout3d(0.5), whole channels of the bottleneck
     and of the head's input are zeroed (the rest scaled 1 / (1 - p)) in train mode; eval mode
