@@ -5,6 +5,7 @@ self-training iteration spends its time, sliding-window evaluation, and the metr
     python benchmark.py --patch 64 64 48 --root data/LA_half   # LA_half config, real data
     python benchmark.py --eval-root DIR --metrics             # evaluation time per case; vs medpy
     python benchmark.py --gpu-check                           # the paper config's it/s, memory
+    python benchmark.py --networks --patch 64 64 48 --root data/LA_half --official ../BCP
     python benchmark.py --official ../BCP --root data/LA_half   # side by side, below
     python benchmark.py --official ../BCP --data ACDC_cpu --root data/ACDC --seed 2  # ACDC, too
     python benchmark.py --curve --data ACDC_cpu --root data/ACDC --work W   # time to accuracy
@@ -103,6 +104,50 @@ def bench_steps(run, device, iters, warmup):
             run.teacher = copy.deepcopy(run.model).requires_grad_(False)
         out[f"{stage}_s_per_it"] = timed(lambda: bm.train_step(run, stage), device, iters, warmup)
     return out
+
+
+def bench_networks(a):
+    """The real step with each network in turn (U-Net --top-convs 2, then 1; with --official,
+    the official V-Net, dropout as in its LA script): --warmup steps each, then --iters rounds of
+    one step each. Per stage: median s/it and the median over rounds of each network's time over
+    the first one's, a ratio that CPU steal and other jobs move little (they slow a round's
+    networks alike)."""
+    device = bm.pick_device(a.device)
+    if a.official and min(a.patch) < 48:
+        raise SystemExit(f"--patch {a.patch}: the official V-Net needs sides >= 48 (it max-pools "
+                         "its S/16 bottleneck by 3); e.g. --patch 64 64 48")
+    runs = {}
+    for k in (2, 1):
+        cfg = bm.make_config("LA", patch=tuple(a.patch), batch_size=a.batch_size, width=a.width,
+                             top_convs=k, amp=a.amp, device=str(device))
+        runs[f"U-Net, --top-convs {k}"] = make_run(cfg, device, a.root)
+    if a.official:
+        sys.path.insert(0, str(Path(a.official) / "code"))
+        from networks.VNet import VNet
+
+        run = runs["official V-Net in this step"] = make_run(cfg, device, a.root)
+        run.model = _Logits(VNet(n_channels=1, n_classes=2, normalization="batchnorm",
+                                 has_dropout=True)).to(device)
+    print(f"{a.patch}, batch {a.batch_size}, width {a.width}, --amp {a.amp}, "
+          f"{torch.get_num_threads()} thread(s), {cpu_info() if device.type == 'cpu' else device}")
+    print("| network | stage | s/it (median) | × the first, median of rounds |\n|---|---|---|---|")
+    res = []
+    for stage in ("pretrain", "selftrain"):
+        secs = {name: [] for name in runs}
+        for run in runs.values():
+            run.optimizer = torch.optim.SGD(run.model.parameters(), run.cfg.lr, momentum=0.9)
+            run.teacher = copy.deepcopy(run.model).requires_grad_(False)
+            for _ in range(a.warmup):
+                bm.train_step(run, stage)
+        for _ in range(a.iters):
+            for name, run in runs.items():
+                secs[name].append(timed(lambda: bm.train_step(run, stage), device, 1, 0))
+        first = secs["U-Net, --top-convs 2"]
+        for name, s in secs.items():
+            ratio = statistics.median(x / y for x, y in zip(s, first))
+            print(f"| {name} | {stage} | {statistics.median(s):.2f} | {ratio:.2f} |")
+            res.append({"network": name, "stage": stage, "s": s, "ratio": ratio})
+    return res
 
 
 def bench_parts(run, device, iters, warmup):
@@ -600,6 +645,8 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--top-convs", type=int, choices=[1, 2], default=2,
                    help="convolutions per full-resolution U-Net block (bcp_minimal --top-convs)")
+    p.add_argument("--networks", action="store_true", help="the step with each network in "
+                   "turn: U-Net --top-convs 2 and 1, the official V-Net with --official DIR")
     p.add_argument("--iters", type=int, default=5, help="timed iterations")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     p.add_argument("--device", default="auto")
@@ -634,6 +681,8 @@ def main(argv=None):
     side.add_argument("--only", choices=["official", "bcp_minimal"],
                       help="train just this one now (the other is shown if finished in --work)")
     a = p.parse_args(argv)
+    if a.networks:
+        return bench_networks(a)
     if a.curve or a.official or a.side_by_side:
         if not a.root:
             p.error(f"{'--curve' if a.curve else '--official'} needs --root (LA_half in the "

@@ -32,6 +32,22 @@ def test_benchmark_times_the_real_step(tmp_path, monkeypatch):
     assert res["hd95_asd_vs_medpy"]["same"] is True
 
 
+def test_networks_times_each_network_in_turn_with_paired_ratios(monkeypatch):
+    """--networks: per stage, a warm-up step of each network, then rounds of one real step each
+    (U-Net --top-convs 2, then 1); the ratio is the median over rounds of network / first."""
+    seen, real = [], bm.train_step
+    monkeypatch.setattr(bm, "train_step", lambda run, stage: (
+        seen.append((stage, len(run.model.enc0))), real(run, stage))[1])
+    times = iter([1.0, 3.0, 2.0, 1.0, 4.0, 2.0, 2.0, 6.0])  # (top2, top1) per round
+    monkeypatch.setattr(benchmark, "timed", lambda fn, *_: (fn(), next(times))[1])
+    res = benchmark.main(["--networks", "--patch", "16", "16", "16", "--width", "2", "--iters", "2",
+                          "--warmup", "1", "--device", "cpu"])
+    assert seen == [(s, n) for s in ("pretrain", "selftrain") for n in (6, 3, 6, 3, 6, 3)]
+    assert [(r["stage"], r["s"], r["ratio"]) for r in res] == [
+        ("pretrain", [1.0, 2.0], 1.0), ("pretrain", [3.0, 1.0], 1.75),  # median(3/1, 1/2)
+        ("selftrain", [4.0, 2.0], 1.0), ("selftrain", [2.0, 6.0], 1.75)]  # median(2/4, 6/2)
+
+
 def test_side_by_side_split_and_official_patches(tiny_data, tmp_path):
     """The held-out split never overlaps training, and every official patch must match its text
     (a fake official tree here: no test needs the official code)."""
