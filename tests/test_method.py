@@ -269,6 +269,8 @@ def test_top_convs_1_keeps_one_convolution_in_each_full_resolution_block(dims):
         assert lite.eval()(torch.randn(2, 1, *[32] * dims)).shape == (2, 2, *[32] * dims)
     net = bm.make_model(bm.make_config("sample", top_convs=1))  # the flag reaches the network
     assert len(net.enc0) == len(net.dec0) == 3 and len(net.enc1) == 6
+    with pytest.raises(bm.UserError, match="--top-convs 3: 1 or 2"):  # the API too, not just argparse
+        bm.check_config(bm.make_config("sample", top_convs=3))
 
 
 @pytest.mark.parametrize("dims", [3, 2])
