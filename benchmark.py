@@ -604,6 +604,7 @@ def side_by_side(a):
         t_self = float(log[-1]["seconds"]) - t_pre
         final = bm.load_checkpoint(out / "final.pt")
         trained = bm.config_from_checkpoint(final, {})  # its width, dropout: the nets to score
+        a.amp = trained.amp  # a finished run reused from --work keeps its own precision
         kept = {"student": {"model"}, "teacher": {"teacher"},  # the weights the run scores
                 "ensemble": {"model", "teacher"}}[trained.eval_model]
         for key, name in (("model", "bcp_minimal student"), ("teacher", "its EMA teacher")):
