@@ -95,13 +95,17 @@ def make_run(cfg, device, root=None):
                   scaler=scaler, autocast=autocast)
 
 
+def start_stage(run):
+    """As a stage starts: a new SGD optimizer and a teacher copied from the student."""
+    run.optimizer = torch.optim.SGD(run.model.parameters(), run.cfg.lr, momentum=0.9)
+    run.teacher = copy.deepcopy(run.model).requires_grad_(False)
+
+
 def bench_steps(run, device, iters, warmup):
     """s/it of the real step of both stages (pre-training, then self-training with a teacher)."""
     out = {}
     for stage in ("pretrain", "selftrain"):
-        run.optimizer = torch.optim.SGD(run.model.parameters(), run.cfg.lr, momentum=0.9)
-        if stage == "selftrain":
-            run.teacher = copy.deepcopy(run.model).requires_grad_(False)
+        start_stage(run)
         out[f"{stage}_s_per_it"] = timed(lambda: bm.train_step(run, stage), device, iters, warmup)
     return out
 
@@ -135,8 +139,7 @@ def bench_networks(a):
     for stage in ("pretrain", "selftrain"):
         secs = {name: [] for name in runs}
         for run in runs.values():
-            run.optimizer = torch.optim.SGD(run.model.parameters(), run.cfg.lr, momentum=0.9)
-            run.teacher = copy.deepcopy(run.model).requires_grad_(False)
+            start_stage(run)
             for _ in range(a.warmup):
                 bm.train_step(run, stage)
         for _ in range(a.iters):
