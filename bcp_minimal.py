@@ -508,6 +508,9 @@ class Config:
                         "mean softmax over the 4 flips in x and y of each window (nnU-Net's, "
                         "never along z: 4 forward passes per window; official: none)")
     device: str = _f("auto", "auto (cuda, mps, then cpu) | cpu | cuda | mps")
+    compile: bool = _f(False, "torch.compile the student and the teacher for training (inductor;"
+                       " needs a C++ compiler on a CPU; 1-2 min of compiling first; the weights "
+                       "and results are the same)")
     amp: str = _f("auto", "autocast: bf16 on GPUs of compute capability >= 8.0, fp16 + "
                   "GradScaler on older ones (T4), bf16 on CPUs with AMX or AVX512-BF16; fp32 "
                   "elsewhere", ["auto", "on", "off"])
@@ -539,7 +542,7 @@ PRESETS = {
 # ACDC_cpu: x0.1 for the last 600, scored with mirror TTA (deviations, chosen on val.list:
 # docs/choices.md)
 # Pancreas (get_data.py pancreas): deviation, official code/pancreas uses V-Net + Adam 1e-3
-RUNTIME = {"root", "out", "device", "amp", "log_every", "ckpt_every", "eval_split",
+RUNTIME = {"root", "out", "device", "amp", "compile", "log_every", "ckpt_every", "eval_split",
            "eval_stride", "eval_lcc", "eval_model", "eval_tta"}  # what --resume, --eval may change
 
 def dataset_defaults(root):
@@ -695,6 +698,12 @@ def make_model(cfg, device="cpu"):
     return UNet(1, cfg.num_classes, cfg.width, dims, cfg.dropout, cfg.top_convs).to(
         device, memory_format=MEMORY_FORMAT[dims])
 
+def compiled(model, cfg):
+    """The module itself, compiled in place when cfg.compile (its state_dict keys unchanged)."""
+    if cfg.compile:
+        model.compile()  # one graph per input shape and train/eval mode, built at first call
+    return model
+
 def make_run(cfg):
     """The data, model and random stream of cfg (train and benchmark.py use it)."""
     check_config(cfg)
@@ -714,7 +723,7 @@ def make_run(cfg):
     if acdc:  # 2-D slices of many sizes, resized to the patch once (official: every draw)
         images = [resize(torch.from_numpy(im), cfg.patch).numpy() for im in images]
         labels = [resize(torch.from_numpy(lb), cfg.patch).byte().numpy() for lb in labels[:k]]
-    model = make_model(cfg, device)
+    model = compiled(make_model(cfg, device), cfg)
     autocast, scaler = amp_setup(cfg.amp, device)
     sampler = lambda ims, lbs: VolumeSampler(ims, lbs, cfg.patch, device, g,  # noqa: E731
                                              rotate=cfg.rotate)
@@ -758,7 +767,8 @@ def train(cfg, state=None, progress=True, on_log=None):
     for stage, iters in stages[names.index(done[0]):]:
         resumed = state is not None and stage == done[0]
         if stage == "selftrain":
-            run.teacher = copy.deepcopy(run.model).requires_grad_(False)  # theta_t <- theta_s
+            teacher = copy.deepcopy(run.model).requires_grad_(False)  # theta_t <- theta_s
+            run.teacher = compiled(teacher, cfg)  # (a copy is not compiled: --compile it too)
             if resumed:
                 run.teacher.load_state_dict(state["teacher"])
         run.optimizer = torch.optim.SGD(run.model.parameters(), cfg.lr, momentum=0.9,

@@ -41,6 +41,7 @@ import argparse
 import contextlib
 import copy
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -88,7 +89,7 @@ def make_run(cfg, device, root=None):
         images = [np.random.default_rng(i).normal(size=shape).astype(np.float32) for i in range(12)]
         labels = [(np.abs(im) > 1.5).astype(np.uint8) for im in images]
     k = cfg.labeled
-    model = bm.make_model(cfg, device)
+    model = bm.compiled(bm.make_model(cfg, device), cfg)  # as bm.make_run (--compile)
     autocast, scaler = bm.amp_setup(cfg.amp, device)
     return bm.Run(cfg, model, bm.VolumeSampler(images[:k], labels[:k], cfg.patch, device, g),
                   bm.VolumeSampler(images[k:], None, cfg.patch, device, g), g,
@@ -98,7 +99,7 @@ def make_run(cfg, device, root=None):
 def start_stage(run):
     """As a stage starts: a new SGD optimizer and a teacher copied from the student."""
     run.optimizer = torch.optim.SGD(run.model.parameters(), run.cfg.lr, momentum=0.9)
-    run.teacher = copy.deepcopy(run.model).requires_grad_(False)
+    run.teacher = bm.compiled(copy.deepcopy(run.model).requires_grad_(False), run.cfg)
 
 
 def bench_steps(run, device, iters, warmup):
@@ -111,25 +112,28 @@ def bench_steps(run, device, iters, warmup):
 
 
 def bench_networks(a):
-    """The real step with each network in turn (U-Net --top-convs 2, then 1; with --official,
-    the official V-Net, dropout as in its LA script): --warmup steps each, then --iters rounds of
-    one step each. Per stage: median s/it and the median over rounds of each network's time over
-    the first one's, a ratio that CPU steal and other jobs move little (they slow a round's
-    networks alike)."""
+    """The real step with each network in turn (U-Net --top-convs 2, then 1; with --compile each
+    also under torch.compile; with --official, the official V-Net, dropout as in its LA script):
+    --warmup steps each (where compiling happens), then --iters rounds of one step each. Per
+    stage: median s/it and the median over rounds of each network's time over the first one's,
+    a ratio that CPU steal and other jobs move little (they slow a round's networks alike)."""
     device = bm.pick_device(a.device)
     if a.official and min(a.patch) < 48:
         raise SystemExit(f"--patch {a.patch}: the official V-Net needs sides >= 48 (it max-pools "
                          "its S/16 bottleneck by 3); e.g. --patch 64 64 48")
     runs = {}
     for k in (2, 1):
-        cfg = bm.make_config("LA", patch=tuple(a.patch), batch_size=a.batch_size, width=a.width,
-                             top_convs=k, amp=a.amp, device=str(device))
-        runs[f"U-Net, --top-convs {k}"] = make_run(cfg, device, a.root)
+        for c in (False, True)[:1 + a.compile]:
+            cfg = bm.make_config("LA", patch=tuple(a.patch), batch_size=a.batch_size,
+                                 width=a.width, top_convs=k, compile=c, amp=a.amp,
+                                 device=str(device))
+            runs[f"U-Net, --top-convs {k}" + ", --compile" * c] = make_run(cfg, device, a.root)
     if a.official:
         sys.path.insert(0, str(Path(a.official) / "code"))
         from networks.VNet import VNet
 
-        run = runs["official V-Net in this step"] = make_run(cfg, device, a.root)
+        run = runs["official V-Net in this step"] = make_run(
+            dataclasses.replace(cfg, compile=False), device, a.root)
         run.model = _Logits(VNet(n_channels=1, n_classes=2, normalization="batchnorm",
                                  has_dropout=True)).to(device)
     print(f"{a.patch}, batch {a.batch_size}, width {a.width}, --amp {a.amp}, "
@@ -347,7 +351,7 @@ def side_by_side_acdc(a):
                      net))
     out = work / "bcp_minimal"
     flags = ["--data", "ACDC_cpu", "--root", str(root), "--seed", str(a.seed), "--device", "cpu",
-             "--amp", a.amp,
+             "--amp", a.amp, "--compile", str(a.compile),
              "--pretrain-iters", str(cfg.pretrain_iters), "--selftrain-iters",
              str(cfg.selftrain_iters), "--out", str(out)]
     wall = run_once(out, lambda: subprocess.run(
@@ -597,7 +601,8 @@ def side_by_side(a):
              *map(str, a.patch), "--pretrain-iters", str(a.pretrain_iters), "--selftrain-iters",
              str(a.selftrain_iters), "--eval-stride", *map(str, a.eval_stride), "--seed",
              str(a.seed), "--device", device.type, "--amp", a.amp, "--top-convs",
-             str(a.top_convs), "--eval-split", "val", "--out", str(out)]
+             str(a.top_convs), "--compile", str(a.compile), "--eval-split", "val", "--out",
+             str(out)]
     wall = run_once(out, lambda: subprocess.run(
         [sys.executable, str(Path(__file__).parent / "bcp_minimal.py"), *flags], env=env,
         check=True), a.only != "official")
@@ -649,6 +654,8 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--top-convs", type=int, choices=[1, 2], default=2,
                    help="convolutions per full-resolution U-Net block (bcp_minimal --top-convs)")
+    p.add_argument("--compile", action="store_true", help="torch.compile bcp_minimal's networks "
+                   "(bcp_minimal --compile); with --networks: each both ways")
     p.add_argument("--networks", action="store_true", help="the step with each network in "
                    "turn: U-Net --top-convs 2 and 1, the official V-Net with --official DIR")
     p.add_argument("--iters", type=int, default=5, help="timed iterations")
@@ -706,12 +713,12 @@ def main(argv=None):
     device = bm.pick_device(a.device)
     torch.backends.cudnn.benchmark = True
     cfg = bm.make_config("LA", patch=tuple(a.patch), batch_size=a.batch_size, width=a.width,
-                         top_convs=a.top_convs, amp=a.amp, device=str(device))
+                         top_convs=a.top_convs, compile=a.compile, amp=a.amp, device=str(device))
     res = {"machine": {"device": torch.cuda.get_device_name() if device.type == "cuda"
                        else cpu_info(), "threads": torch.get_num_threads(),
                        "torch": torch.__version__},
            "config": {"patch": a.patch, "batch_size": a.batch_size, "width": a.width,
-                      "top_convs": a.top_convs, "data": a.root or "synthetic"}}
+                      "top_convs": a.top_convs, "compile": a.compile, "data": a.root or "synthetic"}}
     run = make_run(cfg, device, a.root)
     res["steps"] = bench_steps(run, device, a.iters, a.warmup)
     res["selftrain_parts"] = bench_parts(run, device, a.iters, a.warmup)

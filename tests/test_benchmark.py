@@ -48,6 +48,22 @@ def test_networks_times_each_network_in_turn_with_paired_ratios(monkeypatch):
         ("selftrain", [4.0, 2.0], 1.0), ("selftrain", [2.0, 6.0], 1.75)]  # median(2/4, 6/2)
 
 
+def test_networks_with_compile_adds_compiled_students_and_teachers(monkeypatch):
+    """--networks --compile: each U-Net both ways (top 2, compiled, top 1, compiled), the
+    compiled ones with student and teacher compiled (torch.compile not run here)."""
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: setattr(self, "_compiled_call_impl", "c"))
+    monkeypatch.setattr(bm, "train_step", lambda run, stage: seen.append((stage, len(run.model.enc0), [
+        m._compiled_call_impl == "c" for m in (run.model, run.teacher)])))
+    monkeypatch.setattr(benchmark, "timed", lambda fn, *_: (fn(), 1.0)[1])
+    res = benchmark.main(["--networks", "--compile", "--patch", "16", "16", "16", "--width", "2", "--iters", "1",
+                          "--warmup", "0", "--device", "cpu"])
+    assert [r["network"] for r in res[:4]] == ["U-Net, --top-convs 2", "U-Net, --top-convs 2, --compile",
+                                               "U-Net, --top-convs 1", "U-Net, --top-convs 1, --compile"]
+    assert seen[:4] == [("pretrain", 6, [False, False]), ("pretrain", 6, [True, True]),
+                        ("pretrain", 3, [False, False]), ("pretrain", 3, [True, True])]
+
+
 def test_side_by_side_split_and_official_patches(tiny_data, tmp_path):
     """The held-out split never overlaps training, and every official patch must match its text
     (a fake official tree here: no test needs the official code)."""

@@ -226,6 +226,25 @@ def test_bf16_step_keeps_fp32_weights_and_a_finite_loss(tiny_data, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, run.model.parameters()))
 
 
+def test_compile_runs_student_and_teacher_compiled_to_the_same_weights(tiny_data, tmp_path, monkeypatch):
+    """--compile: the student and the teacher are called through torch.compile (here its eager
+    backend: the same trace, without inductor's C++ build) and the run ends with the weights,
+    and checkpoint keys, of the run without it."""
+    real = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: real(self, backend="eager"))
+    torch._dynamo.reset()
+    runs = {c: bm.train(tiny_cfg(tiny_data, tmp_path / str(c), compile=c), progress=False) for c in (False, True)}
+    for c, run in runs.items():  # the teacher: a copy of the compiled student, compiled too
+        assert [m._compiled_call_impl is not None for m in (run.model, run.teacher)] == [c, c]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # traced, train mode
+    eager, comp = (torch.load(tmp_path / str(c) / "final.pt", weights_only=False) for c in (False, True))
+    for key in ("model", "teacher"):
+        assert list(comp[key]) == list(eager[key])
+        for k in eager[key]:
+            torch.testing.assert_close(comp[key][k], eager[key][k], rtol=1e-4, atol=1e-5, msg=k)
+    assert bm.config_from_checkpoint(eager, {"compile": True}).compile  # may change on --resume
+
+
 @pytest.mark.parametrize("capability, bf16_reported, want", [
     ((9, 0), True, torch.bfloat16),   # H100/H200: native bf16, no scaler
     ((8, 0), True, torch.bfloat16),   # A100
