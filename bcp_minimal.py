@@ -525,7 +525,7 @@ PRESETS = {
                log_every=50, ckpt_every=500),
     "LA_half": dict(root="data/LA_half", labeled=4, pretrain_iters=1200, selftrain_iters=2400,
                     patch=(64, 64, 48), width=16, dropout=0.5, eval_stride=(9, 9, 2),
-                    lr_step=2000, out="runs/LA_half"),  # lr x0.1 for the last 400 (README)
+                    lr_step=2000, eval_tta=True, out="runs/LA_half"),  # lr x0.1, last 400
     "ACDC": dict(root="data/ACDC", labeled=3, num_classes=4, norm="minmax",  # official script
                  pretrain_iters=10000, selftrain_iters=30000, patch=(256, 256), batch_size=24,
                  width=16, rotate=20, lr_step=10**9, eval_lcc=False, eval_split="test",
@@ -539,8 +539,8 @@ PRESETS = {
                      patch=(96, 96, 96), width=16, eval_stride=(16, 16, 16), out="runs/Pancreas",
                      log_every=50, ckpt_every=500),  # official: 60 x 30 + 200 x 25 iterations
 }  # LA_half: LA at half resolution (get_data.py), sized for a CPU. ACDC: constant lr (official);
-# ACDC_cpu: x0.1 for the last 600, scored with mirror TTA (deviations, chosen on val.list:
-# docs/choices.md)
+# ACDC_cpu: x0.1 for the last 600; LA_half and ACDC_cpu scored with mirror TTA (deviations,
+# chosen on validation: docs/choices.md)
 # Pancreas (get_data.py pancreas): deviation, official code/pancreas uses V-Net + Adam 1e-3
 RUNTIME = {"root", "out", "device", "amp", "compile", "log_every", "ckpt_every", "eval_split",
            "eval_stride", "eval_lcc", "eval_model", "eval_tta"}  # what --resume, --eval may change

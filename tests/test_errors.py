@@ -274,7 +274,8 @@ def test_a_checkpoint_from_before_rotate_keeps_its_augmentation_and_scoring(monk
     with pytest.raises(bm.UserError, match="--rotate: fixed by the checkpoint"):
         bm.config_from_checkpoint({"cfg": saved}, {"rotate": 20})
     # likewise mirror TTA (ACDC_cpu's default now): an older run is scored as it was, unless asked
-    assert bm.make_config("ACDC_cpu").eval_tta
+    assert bm.make_config("ACDC_cpu").eval_tta and bm.make_config("LA_half").eval_tta
+    assert not bm.make_config("LA").eval_tta and not bm.make_config("sample").eval_tta
     del saved["eval_tta"]
     assert not bm.config_from_checkpoint({"cfg": saved}, {}).eval_tta
     assert bm.config_from_checkpoint({"cfg": saved}, {"eval_tta": True}).eval_tta
