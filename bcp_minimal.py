@@ -700,6 +700,13 @@ def make_model(cfg, device="cpu"):
 
 def compiled(model, cfg):
     """The module itself, compiled in place when cfg.compile (its state_dict keys unchanged)."""
+    if cfg.compile and next(model.parameters()).device.type == "cpu":
+        try:  # inductor builds C++ on a CPU: say so now, not at the first step
+            from torch._inductor.cpp_builder import get_cpp_compiler
+            get_cpp_compiler()
+        except Exception as e:
+            raise UserError(f"--compile: no C++ compiler for torch.compile here ({str(e)[:80]}"
+                            "); install one (e.g. g++) or leave --compile off") from None
     if cfg.compile:
         model.compile()  # one graph per input shape and train/eval mode, built at first call
     return model

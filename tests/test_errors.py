@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, tiny_cfg
 
 import bcp_minimal as bm
 
@@ -286,3 +286,14 @@ def test_a_checkpoint_from_before_rotate_keeps_its_augmentation_and_scoring(monk
     assert bm.config_from_checkpoint({"cfg": saved}, {}).top_convs == 2
     with pytest.raises(bm.UserError, match="--top-convs: fixed by the checkpoint"):
         bm.config_from_checkpoint({"cfg": saved}, {"top_convs": 1})
+
+
+def test_compile_without_a_cpp_compiler_says_so_before_training(tiny_data, tmp_path, monkeypatch):
+    from torch._inductor import cpp_builder
+
+    def missing():
+        raise RuntimeError("no working C++ compiler found")
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", missing)
+    with pytest.raises(bm.UserError, match=r"--compile: no C\+\+ compiler .*install one .*leave --compile off"):
+        bm.make_run(tiny_cfg(tiny_data, tmp_path, compile=True))
+    bm.make_run(tiny_cfg(tiny_data, tmp_path, compile=False))  # not asked: not checked
