@@ -107,6 +107,7 @@ def test_side_by_side_trains_and_scores_bcp_minimal(tiny_data, tmp_path):
     res = benchmark.main(argv)
     cfg = json.loads((tmp_path / "w" / "bcp_minimal" / "config.json").read_text())
     assert (cfg["amp"], cfg["top_convs"]) == ("off", 1)  # passed on; scored as that network
+    assert cfg["eval_split"] == "none"  # its wall is training only, as the official's; scored here
     assert [r["run"] for r in res] == ["bcp_minimal student *", "its EMA teacher"]
     assert all(0 <= r[f"{s}_dice"] <= 1 for r in res for s in ("val", "test"))
     assert [c["case"] for c in res[0]["val_cases"]] == (tiny_data / "train.list").read_text().split()[-2:]
@@ -182,7 +183,7 @@ def test_acdc_side_by_side_trains_bcp_minimal_at_the_given_budget(tmp_path):
                           "--threads", "1", "--amp", "off"])
     assert [r["run"] for r in res] == ["bcp_minimal ACDC_cpu (U-Net)"] and 0 <= res[0]["val_dice"] <= 1
     cfg = json.loads((tmp_path / "w" / "bcp_minimal" / "config.json").read_text())
-    assert (cfg["pretrain_iters"], cfg["selftrain_iters"], cfg["amp"]) == (2, 4, "off")
+    assert (cfg["pretrain_iters"], cfg["selftrain_iters"], cfg["amp"], cfg["eval_split"]) == (2, 4, "off", "none")
 
 
 def test_a_killed_curve_run_resumes_and_its_minutes_go_on(tmp_path, monkeypatch):
