@@ -92,7 +92,7 @@ def test_the_run_takes_its_settings_from_the_folder(msd_run):
 def test_predict_on_the_held_out_scans(msd, msd_run):
     """--predict DIR/imagesTs: one mask per scan on its own grid, volumes in mL from its spacing,
     the class named as dataset.json names it; the mask equals predict_volume on the scan
-    normalised by the run's own norm."""
+    normalised by the run's own norm, by the model the run scores (LA_half's: mirrored)."""
     src, _ = msd
     out = msd_run / "pred"
     assert bm.main(["--predict", str(src / "imagesTs"), "--ckpt", str(msd_run / "run" / "final.pt"),
@@ -101,8 +101,9 @@ def test_predict_on_the_held_out_scans(msd, msd_run):
     assert sorted(r["case"] for r in rows) == ["test_6", "test_7"]  # nnU-Net's _0000 dropped
     state = bm.load_checkpoint(msd_run / "run" / "final.pt")
     cfg = bm.config_from_checkpoint(state, {})
-    model = bm.make_model(cfg)
-    model.load_state_dict(state["model"])
+    assert cfg.eval_tta  # LA_half's settings: --predict mirrors as --eval scores
+    model, name = bm.scored_model(cfg, state, bm.torch.device("cpu"))
+    assert name == "student, mirrored"
     for r in rows:
         mask = nib.load(str(out / f"{r['case']}.nii.gz"))
         assert mask.shape == (24, 24, 16) and np.allclose(mask.affine, MR_AFFINE)
