@@ -712,6 +712,10 @@ def compiled(model, cfg):
     model.compile()  # one graph per input shape and train/eval mode, built at its first call
     return model
 
+def teacher_of(student, cfg):
+    """theta_t <- theta_s: a frozen copy, compiled anew with --compile (a copy runs eager)."""
+    return compiled(copy.deepcopy(student).requires_grad_(False), cfg)
+
 def make_run(cfg):
     """The data, model and random stream of cfg (train and benchmark.py use it)."""
     check_config(cfg)
@@ -775,8 +779,7 @@ def train(cfg, state=None, progress=True, on_log=None):
     for stage, iters in stages[names.index(done[0]):]:
         resumed = state is not None and stage == done[0]
         if stage == "selftrain":
-            teacher = copy.deepcopy(run.model).requires_grad_(False)  # theta_t <- theta_s
-            run.teacher = compiled(teacher, cfg)  # (a copy is not compiled: --compile it too)
+            run.teacher = teacher_of(run.model, cfg)  # theta_t <- theta_s
             if resumed:
                 run.teacher.load_state_dict(state["teacher"])
         run.optimizer = torch.optim.SGD(run.model.parameters(), cfg.lr, momentum=0.9,

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import csv
 import dataclasses
 import json
@@ -99,7 +98,7 @@ def make_run(cfg, device, root=None):
 def start_stage(run):
     """As a stage starts: a new SGD optimizer and a teacher copied from the student."""
     run.optimizer = torch.optim.SGD(run.model.parameters(), run.cfg.lr, momentum=0.9)
-    run.teacher = bm.compiled(copy.deepcopy(run.model).requires_grad_(False), run.cfg)
+    run.teacher = bm.teacher_of(run.model, run.cfg)
 
 
 def bench_steps(run, device, iters, warmup):
