@@ -111,7 +111,8 @@ def bench_steps(run, device, iters, warmup):
 
 
 def bench_networks(a):
-    """The real step with each network in turn (U-Net --top-convs 2, then 1; with --compile each
+    """The real step with each network in turn (U-Net --top-convs 2, then 1, then 1 with
+    --top-skip add; with --compile each
     also under torch.compile; with --official, the official V-Net, dropout as in its LA script):
     --warmup steps each (where compiling happens), then --iters rounds of one step each. Per
     stage: median s/it and the median over rounds of each network's time over the first one's,
@@ -121,12 +122,13 @@ def bench_networks(a):
         raise SystemExit(f"--patch {a.patch}: the official V-Net needs sides >= 48 (it max-pools "
                          "its S/16 bottleneck by 3); e.g. --patch 64 64 48")
     runs = {}
-    for k in (2, 1):
+    for k, skip in ((2, "concat"), (1, "concat"), (1, "add")):
         for c in (False, True)[:1 + a.compile]:
             cfg = bm.make_config("LA", patch=tuple(a.patch), batch_size=a.batch_size,
-                                 width=a.width, top_convs=k, compile=c, amp=a.amp,
-                                 device=str(device))
-            runs[f"U-Net, --top-convs {k}" + ", --compile" * c] = make_run(cfg, device, a.root)
+                                 width=a.width, top_convs=k, top_skip=skip, compile=c,
+                                 amp=a.amp, device=str(device))
+            name = f"U-Net, --top-convs {k}" + " --top-skip add" * (skip == "add")
+            runs[name + ", --compile" * c] = make_run(cfg, device, a.root)
     if a.official:
         sys.path.insert(0, str(Path(a.official) / "code"))
         from networks.VNet import VNet
@@ -600,8 +602,9 @@ def side_by_side(a):
              *map(str, a.patch), "--pretrain-iters", str(a.pretrain_iters), "--selftrain-iters",
              str(a.selftrain_iters), "--eval-stride", *map(str, a.eval_stride), "--seed",
              str(a.seed), "--device", device.type, "--amp", a.amp, "--top-convs",
-             str(a.top_convs), "--compile", str(a.compile), "--eval-split", "none", "--out",
-             str(out)]  # trains only (its wall, as the official's): both are scored below
+             str(a.top_convs), "--top-skip", a.top_skip, "--compile", str(a.compile),
+             "--eval-split", "none", "--out", str(out)]  # trains only (its wall, as the
+    # official's): both are scored below
     wall = run_once(out, lambda: subprocess.run(
         [sys.executable, str(Path(__file__).parent / "bcp_minimal.py"), *flags], env=env,
         check=True), a.only != "official")
@@ -653,10 +656,13 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--top-convs", type=int, choices=[1, 2], default=2,
                    help="convolutions per full-resolution U-Net block (bcp_minimal --top-convs)")
+    p.add_argument("--top-skip", choices=["concat", "add"], default="concat",
+                   help="the full-resolution skip (bcp_minimal --top-skip)")
     p.add_argument("--compile", action="store_true", help="torch.compile bcp_minimal's networks "
                    "(bcp_minimal --compile); with --networks: each both ways")
     p.add_argument("--networks", action="store_true", help="the step with each network in "
-                   "turn: U-Net --top-convs 2 and 1, the official V-Net with --official DIR")
+                   "turn: U-Net --top-convs 2, 1, and 1 with --top-skip add; the official V-Net with "
+                   "--official DIR")
     p.add_argument("--iters", type=int, default=5, help="timed iterations")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     p.add_argument("--device", default="auto")
@@ -712,12 +718,14 @@ def main(argv=None):
     device = bm.pick_device(a.device)
     torch.backends.cudnn.benchmark = True
     cfg = bm.make_config("LA", patch=tuple(a.patch), batch_size=a.batch_size, width=a.width,
-                         top_convs=a.top_convs, compile=a.compile, amp=a.amp, device=str(device))
+                         top_convs=a.top_convs, top_skip=a.top_skip, compile=a.compile,
+                         amp=a.amp, device=str(device))
     res = {"machine": {"device": torch.cuda.get_device_name() if device.type == "cuda"
                        else cpu_info(), "threads": torch.get_num_threads(),
                        "torch": torch.__version__},
            "config": {"patch": a.patch, "batch_size": a.batch_size, "width": a.width,
-                      "top_convs": a.top_convs, "compile": a.compile, "data": a.root or "synthetic"}}
+                      "top_convs": a.top_convs, "top_skip": a.top_skip, "compile": a.compile,
+                      "data": a.root or "synthetic"}}
     run = make_run(cfg, device, a.root)
     res["steps"] = bench_steps(run, device, a.iters, a.warmup)
     res["selftrain_parts"] = bench_parts(run, device, a.iters, a.warmup)

@@ -274,6 +274,34 @@ def test_top_convs_1_keeps_one_convolution_in_each_full_resolution_block(dims):
 
 
 @pytest.mark.parametrize("dims", [3, 2])
+def test_top_skip_add_feeds_the_sum_of_encoder_and_upsampled_features_to_the_last_block(dims):
+    """--top-skip add: dec0's input is x0 + up1(u1), w channels (the V-Net's additive skip), not
+    their concatenation (2w): its first convolution is w -> w, w * w * 3^d weights fewer; every
+    other block, and the default's network, unchanged."""
+    w, k = 4, 3**dims
+    torch.manual_seed(0)
+    cat, add = bm.UNet(1, 2, w, dims).eval(), bm.UNet(1, 2, w, dims, top_skip="add").eval()
+    seen = {}
+    for name in ("enc0", "up1", "dec0"):
+        getattr(add, name).register_forward_hook(
+            lambda m, args, out, name=name: seen.update({name: (args[0], out)}))
+    x = torch.randn(2, 1, *[16] * dims)
+    with torch.no_grad():
+        y = add(x)
+    assert torch.equal(seen["dec0"][0], seen["enc0"][1] + seen["up1"][1])  # (2, w, *S)
+    assert seen["dec0"][0].shape == (2, w, *[16] * dims) and y.shape == (2, 2, *[16] * dims)
+    assert (add.dec0[0].in_channels, cat.dec0[0].in_channels) == (w, 2 * w)
+    size = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+    assert size(cat) - size(add) == w * w * k
+    assert [n for n, _ in cat.named_parameters()] == [n for n, _ in add.named_parameters()]
+    net = bm.make_model(bm.make_config("sample", top_convs=1, top_skip="add"))  # flags reach it
+    assert net.top_add and len(net.dec0) == 3 and net.dec0[0].in_channels == net.enc0[0].out_channels
+    assert not bm.make_model(bm.make_config("sample")).top_add  # default: the U-Net's concat
+    with pytest.raises(bm.UserError, match="--top-skip sum: concat or add"):
+        bm.check_config(bm.make_config("sample", top_skip="sum"))
+
+
+@pytest.mark.parametrize("dims", [3, 2])
 def test_dropout_zeroes_whole_channels_of_bottleneck_and_last_features_in_train_only(dims):
     """--dropout p: as the official V-Net's Dropout3d(0.5), whole channels of the bottleneck
     and of the head's input are zeroed (the rest scaled 1 / (1 - p)) in train mode; eval mode
