@@ -50,15 +50,16 @@ class UNet(nn.Module):
     Deviations: official LA uses a V-Net, whose channel dropout (p 0.5) `dropout` puts on the same
     two places (bottleneck, last features); official ACDC's UNet_2d has LeakyReLU, bilinear
     upsampling and encoder dropout 0.05-0.5 (ACDC presets: none; measured in docs/choices.md).
-    The full-resolution level costs most on a CPU (docs/choices.md); two V-Net-like options thin it:
-    top_convs=1: one convolution, not two, in each full-resolution block (enc0, dec0);
-    top_skip="add": dec0 gets x0 + up(u1) (w channels, as the V-Net's additive skips), not the
-    concatenation (2w channels): its convolution does half the work."""
+    Two V-Net-like options make it cheaper on a CPU (docs/choices.md):
+    top_convs=1: one convolution, not two, in each full-resolution block (enc0, dec0), the level
+    that costs most; skip="add": each decoder block gets encoder + upsampled features summed, as
+    the V-Net's skips, not concatenated: its first convolution takes half the channels."""
 
     def __init__(self, in_channels=1, num_classes=2, width=16, dims=3, dropout=0.0, top_convs=2,
-                 top_skip="concat"):
+                 skip="concat"):
         super().__init__()
-        self.top_add = {"concat": False, "add": True}[top_skip]
+        self.add = {"concat": False, "add": True}[skip]
+        m = 1 if self.add else 2  # a decoder block's input: m * its width
         self.drop = (nn.Dropout3d if dims == 3 else nn.Dropout2d)(dropout)
         c = [width * 2**i for i in range(5)]  # [w, 2w, 4w, 8w, 16w]
         Up = nn.ConvTranspose3d if dims == 3 else nn.ConvTranspose2d
@@ -67,11 +68,11 @@ class UNet(nn.Module):
         self.enc1 = ConvBlock(c[0], c[1], dims)
         self.enc2, self.enc3 = ConvBlock(c[1], c[2], dims), ConvBlock(c[2], c[3], dims)
         self.enc4 = ConvBlock(c[3], c[4], dims)  # the bottleneck
-        self.up4, self.dec3 = Up(c[4], c[3], 2, stride=2), ConvBlock(2 * c[3], c[3], dims)
-        self.up3, self.dec2 = Up(c[3], c[2], 2, stride=2), ConvBlock(2 * c[2], c[2], dims)
-        self.up2, self.dec1 = Up(c[2], c[1], 2, stride=2), ConvBlock(2 * c[1], c[1], dims)
+        self.up4, self.dec3 = Up(c[4], c[3], 2, stride=2), ConvBlock(m * c[3], c[3], dims)
+        self.up3, self.dec2 = Up(c[3], c[2], 2, stride=2), ConvBlock(m * c[2], c[2], dims)
+        self.up2, self.dec1 = Up(c[2], c[1], 2, stride=2), ConvBlock(m * c[1], c[1], dims)
         self.up1 = Up(c[1], c[0], 2, stride=2)
-        self.dec0 = ConvBlock(c[0] * (1 if self.top_add else 2), c[0], dims, top_convs)
+        self.dec0 = ConvBlock(m * c[0], c[0], dims, top_convs)
         self.head = (nn.Conv3d if dims == 3 else nn.Conv2d)(c[0], num_classes, 1)
 
     def forward(self, x):
@@ -82,12 +83,14 @@ class UNet(nn.Module):
         x2 = self.enc2(self.pool(x1))  # (B, 4w, S/4)
         x3 = self.enc3(self.pool(x2))  # (B, 8w, S/8)
         x4 = self.drop(self.enc4(self.pool(x3)))  # (B, 16w, S/16)
-        u3 = self.dec3(torch.cat([x3, self.up4(x4)], 1))  # (B, 8w, S/8)
-        u2 = self.dec2(torch.cat([x2, self.up3(u3)], 1))  # (B, 4w, S/4)
-        u1 = self.dec1(torch.cat([x1, self.up2(u2)], 1))  # (B, 2w, S/2)
-        top = x0 + self.up1(u1) if self.top_add else torch.cat([x0, self.up1(u1)], 1)  # w | 2w
-        u0 = self.dec0(top)  # (B, w, S)
+        u3 = self.dec3(self.join(x3, self.up4(x4)))  # (B, 8w, S/8)
+        u2 = self.dec2(self.join(x2, self.up3(u3)))  # (B, 4w, S/4)
+        u1 = self.dec1(self.join(x1, self.up2(u2)))  # (B, 2w, S/2)
+        u0 = self.dec0(self.join(x0, self.up1(u1)))  # (B, w, S)
         return self.head(self.drop(u0))  # (B, K, S)
+
+    def join(self, skip, up):  # two (B, c, S') -> (B, m * c, S')
+        return skip + up if self.add else torch.cat([skip, up], 1)
 
 # 2. BCP: the mask and the mix (Eq. 1-2) ------------------------------------------------------
 
@@ -481,8 +484,8 @@ class Config:
     width: int = _f(8, "U-Net base width (channels of the first level)")
     top_convs: int = _f(2, "convolutions in each full-resolution U-Net block: 2, or 1 as the "
                         "V-Net's top level (less time per step on a CPU)", [1, 2])
-    top_skip: str = _f("concat", "the full-resolution skip: concat (U-Net: 2w channels into the "
-                       "last block) or add (V-Net: w channels, less time)", ["concat", "add"])
+    skip: str = _f("concat", "how each decoder block gets the encoder's features: concat (U-Net)"
+                   " or add (V-Net: half the channels in, less time)", ["concat", "add"])
     dropout: float = _f(0.0, "channel dropout on the bottleneck and last features (official 0.5)")
     rotate: int = _f(0, "augmentation. 0: a 90-degree turn and a flip every draw (official "
                      "LA); R: half the draws so, a quarter turned by an integer angle in [-R, R) "
@@ -578,7 +581,7 @@ def class_names(cfg):
 
 def config_from_checkpoint(state, given):
     """--resume and --eval: the run's config, flags given now on top (only RUNTIME ones)."""
-    older = {"rotate": 0, "eval_tta": False, "top_convs": 2, "top_skip": "concat"}  # runs before
+    older = {"rotate": 0, "eval_tta": False, "top_convs": 2, "skip": "concat"}  # runs before
     saved = {**older, **state["cfg"]}
     fixed = sorted(k for k, v in given.items() if k not in RUNTIME and v != saved.get(k))
     if fixed:
@@ -610,7 +613,7 @@ def check_config(cfg):
         (len(cfg.window) == 2 and cfg.window[0] < cfg.window[1], "--window LOW HIGH, LOW < HIGH"),
         (0 <= cfg.rotate <= 180, f"--rotate {cfg.rotate}: degrees in [0, 180]"),
         (cfg.top_convs in (1, 2), f"--top-convs {cfg.top_convs}: 1 or 2"),
-        (cfg.top_skip in ("concat", "add"), f"--top-skip {cfg.top_skip}: concat or add"),
+        (cfg.skip in ("concat", "add"), f"--skip {cfg.skip}: concat or add"),
         (not cfg.spacing or (len(cfg.spacing) == len(cfg.patch) == 3 and min(cfg.spacing) > 0),
          "--spacing X Y Z (mm, > 0), for 3-D data only")] if not ok]
     if bad:
@@ -704,7 +707,7 @@ def dist_setup(cfg):
 def make_model(cfg, device="cpu"):
     """The U-Net a config describes (classes, width, 2-D/3-D from the patch, dropout, top)."""
     dims = len(cfg.patch)
-    return UNet(1, cfg.num_classes, cfg.width, dims, cfg.dropout, cfg.top_convs, cfg.top_skip).to(
+    return UNet(1, cfg.num_classes, cfg.width, dims, cfg.dropout, cfg.top_convs, cfg.skip).to(
         device, memory_format=MEMORY_FORMAT[dims])
 
 def compiled(model, cfg):

@@ -112,7 +112,7 @@ def bench_steps(run, device, iters, warmup):
 
 def bench_networks(a):
     """The real step with each network in turn (U-Net --top-convs 2, then 1, then 1 with
-    --top-skip add; with --compile each
+    --skip add; with --compile each
     also under torch.compile; with --official, the official V-Net, dropout as in its LA script):
     --warmup steps each (where compiling happens), then --iters rounds of one step each. Per
     stage: median s/it and the median over rounds of each network's time over the first one's,
@@ -125,9 +125,9 @@ def bench_networks(a):
     for k, skip in ((2, "concat"), (1, "concat"), (1, "add")):
         for c in (False, True)[:1 + a.compile]:
             cfg = bm.make_config("LA", patch=tuple(a.patch), batch_size=a.batch_size,
-                                 width=a.width, top_convs=k, top_skip=skip, compile=c,
+                                 width=a.width, top_convs=k, skip=skip, compile=c,
                                  amp=a.amp, device=str(device))
-            name = f"U-Net, --top-convs {k}" + " --top-skip add" * (skip == "add")
+            name = f"U-Net, --top-convs {k}" + " --skip add" * (skip == "add")
             runs[name + ", --compile" * c] = make_run(cfg, device, a.root)
     if a.official:
         sys.path.insert(0, str(Path(a.official) / "code"))
@@ -602,7 +602,7 @@ def side_by_side(a):
              *map(str, a.patch), "--pretrain-iters", str(a.pretrain_iters), "--selftrain-iters",
              str(a.selftrain_iters), "--eval-stride", *map(str, a.eval_stride), "--seed",
              str(a.seed), "--device", device.type, "--amp", a.amp, "--top-convs",
-             str(a.top_convs), "--top-skip", a.top_skip, "--compile", str(a.compile),
+             str(a.top_convs), "--skip", a.skip, "--compile", str(a.compile),
              "--eval-split", "none", "--out", str(out)]  # trains only (its wall, as the
     # official's): both are scored below
     wall = run_once(out, lambda: subprocess.run(
@@ -656,13 +656,13 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--top-convs", type=int, choices=[1, 2], default=2,
                    help="convolutions per full-resolution U-Net block (bcp_minimal --top-convs)")
-    p.add_argument("--top-skip", choices=["concat", "add"], default="concat",
-                   help="the full-resolution skip (bcp_minimal --top-skip)")
+    p.add_argument("--skip", choices=["concat", "add"], default="concat",
+                   help="how decoder blocks get the encoder's features (bcp_minimal --skip)")
     p.add_argument("--compile", action="store_true", help="torch.compile bcp_minimal's networks "
                    "(bcp_minimal --compile); with --networks: each both ways")
     p.add_argument("--networks", action="store_true", help="the step with each network in "
-                   "turn: U-Net --top-convs 2, 1, and 1 with --top-skip add; the official V-Net with "
-                   "--official DIR")
+                   "turn: U-Net --top-convs 2, 1, and 1 with --skip add; the official V-Net "
+                   "with --official DIR")
     p.add_argument("--iters", type=int, default=5, help="timed iterations")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     p.add_argument("--device", default="auto")
@@ -718,13 +718,13 @@ def main(argv=None):
     device = bm.pick_device(a.device)
     torch.backends.cudnn.benchmark = True
     cfg = bm.make_config("LA", patch=tuple(a.patch), batch_size=a.batch_size, width=a.width,
-                         top_convs=a.top_convs, top_skip=a.top_skip, compile=a.compile,
+                         top_convs=a.top_convs, skip=a.skip, compile=a.compile,
                          amp=a.amp, device=str(device))
     res = {"machine": {"device": torch.cuda.get_device_name() if device.type == "cuda"
                        else cpu_info(), "threads": torch.get_num_threads(),
                        "torch": torch.__version__},
            "config": {"patch": a.patch, "batch_size": a.batch_size, "width": a.width,
-                      "top_convs": a.top_convs, "top_skip": a.top_skip, "compile": a.compile,
+                      "top_convs": a.top_convs, "skip": a.skip, "compile": a.compile,
                       "data": a.root or "synthetic"}}
     run = make_run(cfg, device, a.root)
     res["steps"] = bench_steps(run, device, a.iters, a.warmup)

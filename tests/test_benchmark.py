@@ -34,11 +34,11 @@ def test_benchmark_times_the_real_step(tmp_path, monkeypatch):
 
 def test_networks_times_each_network_in_turn_with_paired_ratios(monkeypatch):
     """--networks: per stage, a warm-up step of each network, then rounds of one real step each
-    (U-Net --top-convs 2, then 1, then 1 --top-skip add); the ratio is the median over rounds of
+    (U-Net --top-convs 2, then 1, then 1 --skip add); the ratio is the median over rounds of
     network / first."""
     seen, real = [], bm.train_step
     monkeypatch.setattr(bm, "train_step", lambda run, stage: (
-        seen.append((stage, len(run.model.enc0), run.model.top_add)), real(run, stage))[1])
+        seen.append((stage, len(run.model.enc0), run.model.add)), real(run, stage))[1])
     times = iter([1.0, 3.0, 1.0, 2.0, 1.0, 1.0,  # (top2, top1, top1 add) per round
                   4.0, 2.0, 1.0, 2.0, 6.0, 1.0])
     monkeypatch.setattr(benchmark, "timed", lambda fn, *_: (fn(), next(times))[1])
@@ -47,7 +47,7 @@ def test_networks_times_each_network_in_turn_with_paired_ratios(monkeypatch):
     nets = [(6, False), (3, False), (3, True)]  # warm-up, then 2 rounds, each network in turn
     assert seen == [(s, *n) for s in ("pretrain", "selftrain") for n in nets * 3]
     assert [r["network"] for r in res[:3]] == [
-        "U-Net, --top-convs 2", "U-Net, --top-convs 1", "U-Net, --top-convs 1 --top-skip add"]
+        "U-Net, --top-convs 2", "U-Net, --top-convs 1", "U-Net, --top-convs 1 --skip add"]
     assert [(r["stage"], r["s"], r["ratio"]) for r in res] == [
         ("pretrain", [1.0, 2.0], 1.0), ("pretrain", [3.0, 1.0], 1.75),  # median(3/1, 1/2)
         ("pretrain", [1.0, 1.0], 0.75),  # median(1/1, 1/2)
@@ -106,15 +106,15 @@ def test_driver_makes_cuda_a_no_op_only_off_cuda():
 
 def test_side_by_side_trains_and_scores_bcp_minimal(tiny_data, tmp_path):
     """The side-by-side mode without --official: bcp_minimal trains through its command line on
-    the split (--amp, --top-convs, --top-skip passed on), then student and teacher are scored on the
+    the split (--amp, --top-convs, --skip passed on), then student and teacher are scored on the
     held-out lists; a second call reuses the finished run instead of training again."""
     argv = ["--side-by-side", "--root", str(tiny_data), "--work", str(tmp_path / "w"), "--val", "2",
             "--labeled", "2", "--pretrain-iters", "2", "--selftrain-iters", "2", "--patch", "16",
             "16", "16", "--eval-stride", "8", "8", "8", "--device", "cpu", "--threads", "1", "--amp", "off", "--top-convs", "1",
-            "--top-skip", "add"]
+            "--skip", "add"]
     res = benchmark.main(argv)
     cfg = json.loads((tmp_path / "w" / "bcp_minimal" / "config.json").read_text())
-    assert (cfg["amp"], cfg["top_convs"], cfg["top_skip"]) == ("off", 1, "add")  # passed on;
+    assert (cfg["amp"], cfg["top_convs"], cfg["skip"]) == ("off", 1, "add")  # passed on;
     # scored as that network
     assert cfg["eval_split"] == "none"  # its wall is training only, as the official's; scored here
     assert [r["run"] for r in res] == ["bcp_minimal student *", "its EMA teacher"]

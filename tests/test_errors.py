@@ -286,12 +286,12 @@ def test_a_checkpoint_from_before_rotate_keeps_its_augmentation_and_scoring(monk
     assert bm.config_from_checkpoint({"cfg": saved}, {}).top_convs == 2
     with pytest.raises(bm.UserError, match="--top-convs: fixed by the checkpoint"):
         bm.config_from_checkpoint({"cfg": saved}, {"top_convs": 1})
-    # and before --top-skip, concatenated its full-resolution skip
-    monkeypatch.setitem(bm.PRESETS, "ACDC_cpu", {**bm.PRESETS["ACDC_cpu"], "top_skip": "add"})
-    del saved["top_skip"]
-    assert bm.config_from_checkpoint({"cfg": saved}, {}).top_skip == "concat"
-    with pytest.raises(bm.UserError, match="--top-skip: fixed by the checkpoint"):
-        bm.config_from_checkpoint({"cfg": saved}, {"top_skip": "add"})
+    # and before --skip, concatenated its skips
+    monkeypatch.setitem(bm.PRESETS, "ACDC_cpu", {**bm.PRESETS["ACDC_cpu"], "skip": "add"})
+    del saved["skip"]
+    assert bm.config_from_checkpoint({"cfg": saved}, {}).skip == "concat"
+    with pytest.raises(bm.UserError, match="--skip: fixed by the checkpoint"):
+        bm.config_from_checkpoint({"cfg": saved}, {"skip": "add"})
 
 
 def test_compile_without_a_cpp_compiler_says_so_before_training(tiny_data, tmp_path, monkeypatch):

@@ -274,31 +274,35 @@ def test_top_convs_1_keeps_one_convolution_in_each_full_resolution_block(dims):
 
 
 @pytest.mark.parametrize("dims", [3, 2])
-def test_top_skip_add_feeds_the_sum_of_encoder_and_upsampled_features_to_the_last_block(dims):
-    """--top-skip add: dec0's input is x0 + up1(u1), w channels (the V-Net's additive skip), not
-    their concatenation (2w): its first convolution is w -> w, w * w * 3^d weights fewer; every
-    other block, and the default's network, unchanged."""
+def test_skip_add_feeds_each_decoder_block_the_sum_of_encoder_and_upsampled_features(dims):
+    """--skip add: each decoder block's input is x_i + up(u_{i+1}), c_i channels (the V-Net's
+    additive skips), not their concatenation (2 c_i): its first convolution is c_i -> c_i,
+    c_i * c_i * 3^d weights fewer per level (w, 2w, 4w, 8w); parameter names unchanged."""
     w, k = 4, 3**dims
     torch.manual_seed(0)
-    cat, add = bm.UNet(1, 2, w, dims).eval(), bm.UNet(1, 2, w, dims, top_skip="add").eval()
+    cat, add = bm.UNet(1, 2, w, dims).eval(), bm.UNet(1, 2, w, dims, skip="add").eval()
     seen = {}
-    for name in ("enc0", "up1", "dec0"):
+    names = ["enc0", "enc1", "enc2", "enc3", "up4", "up3", "up2", "up1", "dec3", "dec2", "dec1", "dec0"]
+    for name in names:
         getattr(add, name).register_forward_hook(
             lambda m, args, out, name=name: seen.update({name: (args[0], out)}))
     x = torch.randn(2, 1, *[16] * dims)
     with torch.no_grad():
         y = add(x)
-    assert torch.equal(seen["dec0"][0], seen["enc0"][1] + seen["up1"][1])  # (2, w, *S)
-    assert seen["dec0"][0].shape == (2, w, *[16] * dims) and y.shape == (2, 2, *[16] * dims)
-    assert (add.dec0[0].in_channels, cat.dec0[0].in_channels) == (w, 2 * w)
+    for i in range(4):  # dec_i gets enc_i's output + up_{i+1}'s: (2, w * 2^i, *S / 2^i)
+        assert torch.equal(seen[f"dec{i}"][0], seen[f"enc{i}"][1] + seen[f"up{i + 1}"][1])
+        assert seen[f"dec{i}"][0].shape == (2, w * 2**i, *[16 // 2**i] * dims)
+        assert (getattr(add, f"dec{i}")[0].in_channels, getattr(cat, f"dec{i}")[0].in_channels) == (
+            w * 2**i, 2 * w * 2**i)
+    assert y.shape == (2, 2, *[16] * dims)
     size = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
-    assert size(cat) - size(add) == w * w * k
+    assert size(cat) - size(add) == sum((w * 2**i) ** 2 * k for i in range(4))
     assert [n for n, _ in cat.named_parameters()] == [n for n, _ in add.named_parameters()]
-    net = bm.make_model(bm.make_config("sample", top_convs=1, top_skip="add"))  # flags reach it
-    assert net.top_add and len(net.dec0) == 3 and net.dec0[0].in_channels == net.enc0[0].out_channels
-    assert not bm.make_model(bm.make_config("sample")).top_add  # default: the U-Net's concat
-    with pytest.raises(bm.UserError, match="--top-skip sum: concat or add"):
-        bm.check_config(bm.make_config("sample", top_skip="sum"))
+    net = bm.make_model(bm.make_config("sample", top_convs=1, skip="add"))  # flags reach it
+    assert net.add and len(net.dec0) == 3 and net.dec0[0].in_channels == net.enc0[0].out_channels
+    assert not bm.make_model(bm.make_config("sample")).add  # default: the U-Net's concatenation
+    with pytest.raises(bm.UserError, match="--skip sum: concat or add"):
+        bm.check_config(bm.make_config("sample", skip="sum"))
 
 
 @pytest.mark.parametrize("dims", [3, 2])
