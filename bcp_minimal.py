@@ -89,7 +89,7 @@ class UNet(nn.Module):
         u0 = self.dec0(self.join(x0, self.up1(u1)))  # (B, w, S)
         return self.head(self.drop(u0))  # (B, K, S)
 
-    def join(self, skip, up):  # two (B, c, S') -> (B, m * c, S')
+    def join(self, skip, up):  # two (B, c, S') -> (B, c, S') summed or (B, 2c, S') concatenated
         return skip + up if self.add else torch.cat([skip, up], 1)
 
 # 2. BCP: the mask and the mix (Eq. 1-2) ------------------------------------------------------
@@ -705,7 +705,8 @@ def dist_setup(cfg):
     return int(os.environ.get("RANK", 0)), world
 
 def make_model(cfg, device="cpu"):
-    """The U-Net a config describes (classes, width, 2-D/3-D from the patch, dropout, top)."""
+    """The U-Net a config describes (classes, width, 2-D/3-D from the patch, dropout, top level,
+    skips)."""
     dims = len(cfg.patch)
     return UNet(1, cfg.num_classes, cfg.width, dims, cfg.dropout, cfg.top_convs, cfg.skip).to(
         device, memory_format=MEMORY_FORMAT[dims])

@@ -111,9 +111,9 @@ def bench_steps(run, device, iters, warmup):
 
 
 def bench_networks(a):
-    """The real step with each network in turn (U-Net --top-convs 2, then 1, then 1 with
-    --skip add; with --compile each
-    also under torch.compile; with --official, the official V-Net, dropout as in its LA script):
+    """The real step with each network in turn (U-Net --top-convs 2, then 1, then 1 with --skip
+    add; with --compile each also under torch.compile; with --official, the official V-Net,
+    dropout as in its LA script):
     --warmup steps each (where compiling happens), then --iters rounds of one step each. Per
     stage: median s/it and the median over rounds of each network's time over the first one's,
     a ratio that CPU steal and other jobs move little (they slow a round's networks alike)."""
@@ -598,13 +598,13 @@ def side_by_side(a):
         rows.append(("official BCP (VNet)", times["pretrain_s"], times["selftrain_s"], wall,
                      net.to(device)))
     out = work / "bcp_minimal"
+    # bcp_minimal trains only (its wall, as the official's): both are scored below
     flags = ["--data", "LA_half", "--root", str(root), "--labeled", str(a.labeled), "--patch",
              *map(str, a.patch), "--pretrain-iters", str(a.pretrain_iters), "--selftrain-iters",
              str(a.selftrain_iters), "--eval-stride", *map(str, a.eval_stride), "--seed",
              str(a.seed), "--device", device.type, "--amp", a.amp, "--top-convs",
              str(a.top_convs), "--skip", a.skip, "--compile", str(a.compile),
-             "--eval-split", "none", "--out", str(out)]  # trains only (its wall, as the
-    # official's): both are scored below
+             "--eval-split", "none", "--out", str(out)]
     wall = run_once(out, lambda: subprocess.run(
         [sys.executable, str(Path(__file__).parent / "bcp_minimal.py"), *flags], env=env,
         check=True), a.only != "official")
