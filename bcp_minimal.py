@@ -581,8 +581,8 @@ def class_names(cfg):
 
 def config_from_checkpoint(state, given):
     """--resume and --eval: the run's config, flags given now on top (only RUNTIME ones)."""
-    older = {"rotate": 0, "eval_tta": False, "top_convs": 2, "skip": "concat"}  # runs before
-    saved = {**older, **state["cfg"]}
+    older = {"rotate": 0, "eval_tta": False, "top_convs": 2, "skip": "concat"}  # fields added
+    saved = {**older, **state["cfg"]}  # later: an older run keeps what it trained with
     fixed = sorted(k for k, v in given.items() if k not in RUNTIME and v != saved.get(k))
     if fixed:
         raise UserError(f"--{fixed[0].replace('_', '-')}: fixed by the checkpoint's run; only "
