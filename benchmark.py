@@ -21,7 +21,10 @@ trains on) and the data's test.list. The official code is copied to a work folde
 where a CPU and this comparison need it: the file edits of OFFICIAL_PATCHES (each printed as it is
 made) and driver.py, written beside them (DRIVER: on a CPU .cuda() becomes a no-op, torchvision's
 Compose is replaced by 5 lines, and the test-set checkpoint selection is switched off so that the
-last checkpoint is scored). It needs `pip install scikit-image tensorboardX pyyaml`.
+last checkpoint is scored). It needs `pip install scikit-image tensorboardX pyyaml`. Seconds
+per iteration, twice: each stage's total over its iterations (start-up included), and from each
+code's own stamps after iteration SKIP (the driver stamps the official log lines; bcp_minimal
+logs every step), so that start-up, which differs between the codes, is left out.
 ACDC (--data ACDC_cpu): the official ACDC_BCP_train.py at the ACDC_cpu budget (crop, batch,
 3 labeled patients; iterations: the preset's or --pretrain-iters / --selftrain-iters), patched
 by OFFICIAL_ACDC_PATCHES and driven by ACDC_DRIVER (its every-200-iterations selection on
@@ -45,6 +48,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -263,7 +267,7 @@ g = runpy.run_path("LA_BCP_train.py", run_name="official")
 pre, selft = "model/pre_train", "model/self_train"
 for d in (pre, selft):
     os.makedirs(d, exist_ok=True)
-logging.basicConfig(filename="log.txt", level=logging.INFO)
+logging.basicConfig(filename="log.txt", level=logging.INFO, format="%(created).3f %(message)s")
 t0 = time.time(); g["pre_train"](g["args"], pre); t1 = time.time()
 g["self_train"](g["args"], pre, selft); t2 = time.time()
 json.dump({"pretrain_s": t1 - t0, "selftrain_s": t2 - t1}, open("times.json", "w"))
@@ -553,6 +557,30 @@ class _Logits(torch.nn.Module):
         return self.net(x)[0]
 
 
+SKIP = 5  # iterations left out of the steady s/it: start-up (data, networks, first allocations)
+
+
+def steady(stamps):
+    """s/it of one stage from its (iteration, seconds) stamps, from the end of iteration SKIP to
+    the last: the start-up both codes time inside their stages falls outside. None if too short."""
+    later = [(i, t) for i, t in stamps if i >= SKIP]
+    return (later[-1][1] - later[0][1]) / (later[-1][0] - later[0][0]) if len(later) > 1 else None
+
+
+def official_stamps(log):
+    """[pre-training, self-training] (iteration, seconds) stamps from the official log.txt: the
+    driver stamps its 'iteration N :' lines; the count starts again at self-training."""
+    stages, k = [[], []], 0
+    for line in open(log):
+        m = re.match(r"([\d.]+) iteration (\d+) :", line)
+        if m:
+            i, seconds = int(m[2]), float(m[1])
+            if stages[0] and i <= stages[0][-1][0]:  # counted from 1 again: self-training
+                k = 1
+            stages[k].append((i, seconds))
+    return stages
+
+
 def run_once(folder, start, train):
     """Wall seconds of the run recorded in folder/wall.json, or None. If there is none and `train`,
     start() it first: a run finished in --work is reused, so the two sides can be trained at
@@ -596,7 +624,7 @@ def side_by_side(a):
         times = json.loads((code / "times.json").read_text())
         net = official_net("LA_half", code, code / "model/self_train/VNet_best_model.pth")
         rows.append(("official BCP (VNet)", times["pretrain_s"], times["selftrain_s"], wall,
-                     net.to(device)))
+                     net.to(device), [steady(s) for s in official_stamps(code / "log.txt")]))
     out = work / "bcp_minimal"
     # bcp_minimal trains only (its wall, as the official's): both are scored below
     flags = ["--data", "LA_half", "--root", str(root), "--labeled", str(a.labeled), "--patch",
@@ -604,7 +632,7 @@ def side_by_side(a):
              str(a.selftrain_iters), "--eval-stride", *map(str, a.eval_stride), "--seed",
              str(a.seed), "--device", device.type, "--amp", a.amp, "--top-convs",
              str(a.top_convs), "--skip", a.skip, "--compile", str(a.compile),
-             "--eval-split", "none", "--out", str(out)]
+             "--log-every", "1", "--eval-split", "none", "--out", str(out)]  # a stamp per step
     wall = run_once(out, lambda: subprocess.run(
         [sys.executable, str(Path(__file__).parent / "bcp_minimal.py"), *flags], env=env,
         check=True), a.only != "official")
@@ -612,6 +640,8 @@ def side_by_side(a):
         log = list(csv.DictReader(open(out / "log.csv")))
         t_pre = max([float(r["seconds"]) for r in log if r["stage"] == "pretrain"] or [0])
         t_self = float(log[-1]["seconds"]) - t_pre
+        fast = [steady([(int(r["iter"]), float(r["seconds"])) for r in log if r["stage"] == s])
+                for s in ("pretrain", "selftrain")]
         final = bm.load_checkpoint(out / "final.pt")
         trained = bm.config_from_checkpoint(final, {})  # its width, dropout: the nets to score
         a.amp = trained.amp  # a finished run reused from --work keeps its own precision
@@ -620,7 +650,7 @@ def side_by_side(a):
         for key, name in (("model", "bcp_minimal student"), ("teacher", "its EMA teacher")):
             model = bm.make_model(trained).to(device)  # and predicts with (--eval-model): *
             model.load_state_dict(final[key])
-            rows.append((name + " *" * (key in kept), t_pre, t_self, wall, model))
+            rows.append((name + " *" * (key in kept), t_pre, t_self, wall, model, fast))
     ctx = bm.amp_setup(a.amp, device)[0]()  # bcp_minimal's precision (--amp off: fp32 too)
     prec = ("fp32" if isinstance(ctx, contextlib.nullcontext) else
             {torch.bfloat16: "bf16", torch.float16: "fp16"}[ctx.fast_dtype])
@@ -629,15 +659,18 @@ def side_by_side(a):
     print(f"\n{a.labeled} labeled, {a.pretrain_iters} + {a.selftrain_iters} iterations, patch "
           f"{a.patch}, {where}; official fp32, bcp_minimal {prec}; held-out: {a.val} validation "
           f"cases (end of train.list) and test.list; the same fp32 evaluation for both\n")
-    print("| run | s/it pre-train | s/it self-train | wall (min) | val Dice | val 95HD "
-          "| test Dice | test 95HD |\n|---|---|---|---|---|---|---|---|")
+    print(f"| run | s/it pre-train | s/it self-train | s/it pre / self after iteration {SKIP} "
+          "| wall (min) | val Dice | val 95HD | test Dice | test 95HD |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     result = []
-    for name, tp, ts, wall, net in rows:
+    for name, tp, ts, wall, net, fast in rows:
         m = {s: bm.evaluate(net, cfg, split=s, progress=False) for s in ("val", "test")}
         print(f"| {name} | {tp / a.pretrain_iters:.2f} | {ts / max(a.selftrain_iters, 1):.2f} | "
+              + " / ".join("–" if v is None else f"{v:.2f}" for v in fast) + " | "
               f"{wall / 60:.1f} | {m['val']['dice']:.4f} | {m['val']['hd95']:.2f} | "
               f"{m['test']['dice']:.4f} | {m['test']['hd95']:.2f} |")
         result.append({"run": name, "pretrain_s": tp, "selftrain_s": ts, "wall_s": wall,
+                       "steady_s_it": fast,
                        **{f"{s}_{k}": m[s][k] for s in m for k in ("dice", "jaccard", "hd95", "asd")},
                        **{f"{s}_cases": m[s]["cases"] for s in m}})  # per case, for a closer look
     if any(name.endswith("*") for name, *_ in rows):

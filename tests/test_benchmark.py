@@ -2,9 +2,12 @@
 are not asserted: timings belong in the script's output, not in tests)."""
 import csv
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,6 +94,31 @@ def test_side_by_side_split_and_official_patches(tiny_data, tmp_path):
     assert (tmp_path / "work" / "driver.py").exists()
 
 
+def test_steady_s_it_leaves_out_the_start_up(tmp_path):
+    """Per-iteration times from each code's own stamps, from the end of iteration SKIP on: a slow
+    start (data loading, 20 s here) does not count. The official log is written with the
+    driver's own format; its iteration count starts again at self-training."""
+    assert benchmark.SKIP == 5
+    pre = [(1, 20.0), (2, 21.0), (3, 22.0), (4, 23.0), (5, 24.0), (6, 24.5), (7, 25.0), (9, 26.0)]
+    assert benchmark.steady(pre) == 0.5  # (26 - 24) / (9 - 5)
+    assert benchmark.steady(pre[:5]) is None
+    fmt = re.search(r'format="(.*?)"', benchmark.DRIVER)[1]
+    handler = logging.FileHandler(tmp_path / "log.txt")
+    handler.setFormatter(logging.Formatter(fmt))
+    log = logging.getLogger("official_test")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    for line in ("1 iterations per epoch", "iteration 1 : loss: 0.9", "iteration 2 : loss: 0.8",
+                 "save best model to x", "iteration 3 : loss: 0.7", "1 iterations per epoch",
+                 "iteration 1 : loss: 0.6", "iteration 2 : loss: 0.5"):
+        log.info(line)
+    handler.close()
+    stages = benchmark.official_stamps(tmp_path / "log.txt")
+    assert [[i for i, _ in s] for s in stages] == [[1, 2, 3], [1, 2]]
+    times = [t for s in stages for _, t in s]
+    assert times == sorted(times) and abs(times[0] - time.time()) < 60
+
+
 def test_driver_makes_cuda_a_no_op_only_off_cuda():
     """The official script calls .cuda() everywhere: with BCP_DEVICE=cpu the driver makes it a
     no-op; with BCP_DEVICE=cuda it is left alone (so on a machine without CUDA it must fail)."""
@@ -117,6 +145,8 @@ def test_side_by_side_trains_and_scores_bcp_minimal(tiny_data, tmp_path):
     assert (cfg["amp"], cfg["top_convs"], cfg["skip"]) == ("off", 1, "add")  # passed on;
     # scored as that network
     assert cfg["eval_split"] == "none"  # its wall is training only, as the official's; scored here
+    assert cfg["log_every"] == 1 and res[0]["steady_s_it"] == [None, None]  # a stamp per step;
+    # 2 + 2 iterations: too few past SKIP
     assert [r["run"] for r in res] == ["bcp_minimal student *", "its EMA teacher"]
     assert all(0 <= r[f"{s}_dice"] <= 1 for r in res for s in ("val", "test"))
     assert [c["case"] for c in res[0]["val_cases"]] == (tiny_data / "train.list").read_text().split()[-2:]
