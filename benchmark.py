@@ -640,7 +640,7 @@ def side_by_side(a):
         log = list(csv.DictReader(open(out / "log.csv")))
         t_pre = max([float(r["seconds"]) for r in log if r["stage"] == "pretrain"] or [0])
         t_self = float(log[-1]["seconds"]) - t_pre
-        fast = [steady([(int(r["iter"]), float(r["seconds"])) for r in log if r["stage"] == s])
+        per_it = [steady([(int(r["iter"]), float(r["seconds"])) for r in log if r["stage"] == s])
                 for s in ("pretrain", "selftrain")]
         final = bm.load_checkpoint(out / "final.pt")
         trained = bm.config_from_checkpoint(final, {})  # its width, dropout: the nets to score
@@ -650,7 +650,7 @@ def side_by_side(a):
         for key, name in (("model", "bcp_minimal student"), ("teacher", "its EMA teacher")):
             model = bm.make_model(trained).to(device)  # and predicts with (--eval-model): *
             model.load_state_dict(final[key])
-            rows.append((name + " *" * (key in kept), t_pre, t_self, wall, model, fast))
+            rows.append((name + " *" * (key in kept), t_pre, t_self, wall, model, per_it))
     ctx = bm.amp_setup(a.amp, device)[0]()  # bcp_minimal's precision (--amp off: fp32 too)
     prec = ("fp32" if isinstance(ctx, contextlib.nullcontext) else
             {torch.bfloat16: "bf16", torch.float16: "fp16"}[ctx.fast_dtype])
@@ -663,14 +663,14 @@ def side_by_side(a):
           "| wall (min) | val Dice | val 95HD | test Dice | test 95HD |\n"
           "|---|---|---|---|---|---|---|---|---|")
     result = []
-    for name, tp, ts, wall, net, fast in rows:
+    for name, tp, ts, wall, net, per_it in rows:
         m = {s: bm.evaluate(net, cfg, split=s, progress=False) for s in ("val", "test")}
         print(f"| {name} | {tp / a.pretrain_iters:.2f} | {ts / max(a.selftrain_iters, 1):.2f} | "
-              + " / ".join("–" if v is None else f"{v:.2f}" for v in fast) + " | "
+              + " / ".join("–" if v is None else f"{v:.2f}" for v in per_it) + " | "
               f"{wall / 60:.1f} | {m['val']['dice']:.4f} | {m['val']['hd95']:.2f} | "
               f"{m['test']['dice']:.4f} | {m['test']['hd95']:.2f} |")
         result.append({"run": name, "pretrain_s": tp, "selftrain_s": ts, "wall_s": wall,
-                       "steady_s_it": fast,
+                       "steady_s_it": per_it,
                        **{f"{s}_{k}": m[s][k] for s in m for k in ("dice", "jaccard", "hd95", "asd")},
                        **{f"{s}_cases": m[s]["cases"] for s in m}})  # per case, for a closer look
     if any(name.endswith("*") for name, *_ in rows):
