@@ -356,7 +356,8 @@ def side_by_side_acdc(a):
                      net))
     out = work / "bcp_minimal"
     flags = ["--data", "ACDC_cpu", "--root", str(root), "--seed", str(a.seed), "--device", "cpu",
-             "--amp", a.amp, "--compile", str(a.compile), "--eval-split", "none",  # scored below
+             "--amp", a.amp, *network_flags(a), "--compile", str(a.compile), "--eval-split",
+             "none",  # scored below
              "--pretrain-iters", str(cfg.pretrain_iters), "--selftrain-iters",
              str(cfg.selftrain_iters), "--out", str(out)]
     wall = run_once(out, lambda: subprocess.run(
@@ -365,14 +366,17 @@ def side_by_side_acdc(a):
     if wall is not None:
         log = list(csv.DictReader(open(out / "log.csv")))
         t_pre = max(float(r["seconds"]) for r in log if r["stage"] == "pretrain")
-        model = bm.make_model(cfg)
-        model.load_state_dict(bm.load_checkpoint(out / "final.pt")["model"])
+        final = bm.load_checkpoint(out / "final.pt")
+        trained = bm.config_from_checkpoint(final, {})  # its network, as it trained
+        model = bm.make_model(trained)
+        model.load_state_dict(final["model"])
+        a.amp, a.top_convs, a.skip = trained.amp, trained.top_convs, trained.skip
         rows.append(("bcp_minimal ACDC_cpu (U-Net)", t_pre, float(log[-1]["seconds"]) - t_pre,
                      wall, model))
     print(f"\nACDC, {cfg.labeled} labeled patients, {cfg.pretrain_iters} + "
           f"{cfg.selftrain_iters} iterations, crop {cfg.patch}, batch {cfg.batch_size}, seed "
-          f"{a.seed}; {threads(a)}, {cpu_info()}; bcp_minimal --amp {a.amp}; scored on val.list, "
-          "last checkpoints\n")
+          f"{a.seed}; {threads(a)}, {cpu_info()}; bcp_minimal --amp {a.amp}{network(a)}; scored "
+          "on val.list, last checkpoints\n")
     print("| run | s/it pre-train | s/it self-train | wall (min) | val Dice | RV | Myo | LV | "
           "val 95HD |\n|---|---|---|---|---|---|---|---|---|")
     result = []
@@ -437,9 +441,10 @@ def curve(a):
         over = dict(labeled=a.labeled, patch=tuple(a.patch), eval_stride=tuple(a.eval_stride))
     else:
         root = Path(a.root).resolve()
+    over.update({k: v for k, v in (("top_convs", a.top_convs), ("skip", a.skip)) if v})
     cfg = bm.make_config(a.data, root=str(root), seed=a.seed, device="cpu", eval_split="val",
                          pretrain_iters=a.pretrain_iters, selftrain_iters=a.selftrain_iters,
-                         out=str(out), log_every=math.gcd(20, a.every), **over)
+                         amp=a.amp, out=str(out), log_every=math.gcd(20, a.every), **over)
     snaps, state, spent = out / "snapshots", None, 0.0  # log_every: a log line every --every
     if not (out / "final.pt").exists() and (out / "ckpt_last.pt").exists():
         state = bm.load_checkpoint(out / "ckpt_last.pt")  # a killed curve run goes on from its
@@ -630,9 +635,9 @@ def side_by_side(a):
     flags = ["--data", "LA_half", "--root", str(root), "--labeled", str(a.labeled), "--patch",
              *map(str, a.patch), "--pretrain-iters", str(a.pretrain_iters), "--selftrain-iters",
              str(a.selftrain_iters), "--eval-stride", *map(str, a.eval_stride), "--seed",
-             str(a.seed), "--device", device.type, "--amp", a.amp, "--top-convs",
-             str(a.top_convs), "--skip", a.skip, "--compile", str(a.compile),
-             "--log-every", "1", "--eval-split", "none", "--out", str(out)]  # a stamp per step
+             str(a.seed), "--device", device.type, "--amp", a.amp, *network_flags(a),
+             "--compile", str(a.compile), "--log-every", "1", "--eval-split", "none", "--out",
+             str(out)]  # a stamp per step
     wall = run_once(out, lambda: subprocess.run(
         [sys.executable, str(Path(__file__).parent / "bcp_minimal.py"), *flags], env=env,
         check=True), a.only != "official")
@@ -645,6 +650,7 @@ def side_by_side(a):
         final = bm.load_checkpoint(out / "final.pt")
         trained = bm.config_from_checkpoint(final, {})  # its width, dropout: the nets to score
         a.amp = trained.amp  # a finished run reused from --work keeps its own precision
+        a.top_convs, a.skip = trained.top_convs, trained.skip  # and network
         kept = {"student": {"model"}, "teacher": {"teacher"},  # the weights the run scores
                 "ensemble": {"model", "teacher"}}[trained.eval_model]
         for key, name in (("model", "bcp_minimal student"), ("teacher", "its EMA teacher")):
@@ -657,8 +663,8 @@ def side_by_side(a):
     where = (torch.cuda.get_device_name() if device.type == "cuda" else
              f"{threads(a)}, {cpu_info()}")
     print(f"\n{a.labeled} labeled, {a.pretrain_iters} + {a.selftrain_iters} iterations, patch "
-          f"{a.patch}, {where}; official fp32, bcp_minimal {prec}; held-out: {a.val} validation "
-          f"cases (end of train.list) and test.list; the same fp32 evaluation for both\n")
+          f"{a.patch}, {where}; official fp32, bcp_minimal {prec}{network(a)}; held-out: {a.val} "
+          "validation cases (end of train.list) and test.list; the same fp32 evaluation for both\n")
     print(f"| run | s/it pre-train | s/it self-train | s/it pre / self after iteration {SKIP} "
           "| wall (min) | val Dice | val 95HD | test Dice | test 95HD |\n"
           "|---|---|---|---|---|---|---|---|---|")
@@ -681,16 +687,27 @@ def side_by_side(a):
     return result
 
 
+def network_flags(a):
+    """bcp_minimal's --top-convs and --skip where given (else the preset chooses)."""
+    return [*(["--top-convs", str(a.top_convs)] if a.top_convs else []),
+            *(["--skip", a.skip] if a.skip else [])]
+
+
+def network(a):
+    """', U-Net --top-convs K --skip S' once a run's network is known."""
+    return f", U-Net --top-convs {a.top_convs} --skip {a.skip}" if a.top_convs else ""
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--patch", type=int, nargs=3, default=[112, 112, 80], help="training crop")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--width", type=int, default=16)
-    p.add_argument("--top-convs", type=int, choices=[1, 2], default=2,
-                   help="convolutions per full-resolution U-Net block (bcp_minimal --top-convs)")
-    p.add_argument("--skip", choices=["concat", "add"], default="concat",
-                   help="how decoder blocks get the encoder's features (bcp_minimal --skip)")
+    p.add_argument("--top-convs", type=int, choices=[1, 2], help="convolutions per "
+                   "full-resolution U-Net block (bcp_minimal --top-convs; default: the preset's)")
+    p.add_argument("--skip", choices=["concat", "add"], help="how decoder blocks get the "
+                   "encoder's features (bcp_minimal --skip; default: the preset's)")
     p.add_argument("--compile", action="store_true", help="torch.compile bcp_minimal's networks "
                    "(bcp_minimal --compile); with --networks: each both ways")
     p.add_argument("--networks", action="store_true", help="the step with each network in "
@@ -751,13 +768,13 @@ def main(argv=None):
     device = bm.pick_device(a.device)
     torch.backends.cudnn.benchmark = True
     cfg = bm.make_config("LA", patch=tuple(a.patch), batch_size=a.batch_size, width=a.width,
-                         top_convs=a.top_convs, skip=a.skip, compile=a.compile,
-                         amp=a.amp, device=str(device))
+                         top_convs=a.top_convs or 2, skip=a.skip or "concat",
+                         compile=a.compile, amp=a.amp, device=str(device))
     res = {"machine": {"device": torch.cuda.get_device_name() if device.type == "cuda"
                        else cpu_info(), "threads": torch.get_num_threads(),
                        "torch": torch.__version__},
            "config": {"patch": a.patch, "batch_size": a.batch_size, "width": a.width,
-                      "top_convs": a.top_convs, "skip": a.skip, "compile": a.compile,
+                      "top_convs": cfg.top_convs, "skip": cfg.skip, "compile": a.compile,
                       "data": a.root or "synthetic"}}
     run = make_run(cfg, device, a.root)
     res["steps"] = bench_steps(run, device, a.iters, a.warmup)

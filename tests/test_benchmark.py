@@ -164,8 +164,11 @@ def test_acdc_curve_scores_a_snapshot_every_n_iterations(tmp_path):
 
     root = make_acdc_samples(tmp_path / "ACDC", False, 6, 3, (40, 36))  # 4 train patients
     points = benchmark.main(["--curve", "--data", "ACDC_cpu", "--root", str(root), "--work", str(tmp_path / "w"),
-                             "--pretrain-iters", "2", "--selftrain-iters", "4", "--every", "2", "--threads", "1"])
+                             "--pretrain-iters", "2", "--selftrain-iters", "4", "--every", "2", "--threads", "1",
+                             "--amp", "off", "--top-convs", "1", "--skip", "add"])
     assert [p["iter"] for p in points] == [2, 4, 6]  # pre-training 2, then self-training 2 and 4
+    cfg = json.loads((tmp_path / "w" / "curve_s1337" / "config.json").read_text())
+    assert (cfg["amp"], cfg["top_convs"], cfg["skip"]) == ("off", 1, "add")  # passed on; scored as it
     assert all(0 <= p["dice"] <= 1 for p in points) and points[0]["minutes"] < points[-1]["minutes"]
     saved = json.loads((tmp_path / "w" / "curve.json").read_text())
     assert saved["points"] == points and "AMX" in saved["machine"]
@@ -213,16 +216,18 @@ def test_la_curve_adds_the_official_checkpoints_at_the_same_iterations(tiny_data
 
 def test_acdc_side_by_side_trains_bcp_minimal_at_the_given_budget(tmp_path):
     """--side-by-side --data ACDC_cpu without --official: bcp_minimal alone, through its command
-    line, at --pretrain-iters / --selftrain-iters (the budget both sides share), scored on val."""
+    line, at --pretrain-iters / --selftrain-iters (the budget both sides share) with the network
+    asked for, scored on val as that network."""
     from make_samples import make_acdc_samples
 
     root = make_acdc_samples(tmp_path / "ACDC", False, 6, 3, (40, 36))
     res = benchmark.main(["--side-by-side", "--data", "ACDC_cpu", "--root", str(root), "--work",
                           str(tmp_path / "w"), "--pretrain-iters", "2", "--selftrain-iters", "4",
-                          "--threads", "1", "--amp", "off"])
+                          "--threads", "1", "--amp", "off", "--top-convs", "1", "--skip", "add"])
     assert [r["run"] for r in res] == ["bcp_minimal ACDC_cpu (U-Net)"] and 0 <= res[0]["val_dice"] <= 1
     cfg = json.loads((tmp_path / "w" / "bcp_minimal" / "config.json").read_text())
     assert (cfg["pretrain_iters"], cfg["selftrain_iters"], cfg["amp"], cfg["eval_split"]) == (2, 4, "off", "none")
+    assert (cfg["top_convs"], cfg["skip"]) == (1, "add")  # passed on (scored as it: the weights load)
 
 
 def test_a_killed_curve_run_resumes_and_its_minutes_go_on(tmp_path, monkeypatch):
