@@ -29,7 +29,7 @@ ACDC (--data ACDC_cpu): the official ACDC_BCP_train.py at the ACDC_cpu budget (c
 3 labeled patients; iterations: the preset's or --pretrain-iters / --selftrain-iters), patched
 by OFFICIAL_ACDC_PATCHES and driven by ACDC_DRIVER (its every-200-iterations selection on
 val.list switched off: the last checkpoint is scored; no DataLoader worker processes on a
-CPU); both final students scored by bm.evaluate on val.list.
+CPU); both final students scored by bm.evaluate on val.list; s/it both ways, as for LA.
 Every result names the CPU model and its AMX / AVX512-BF16 flags (cpu_info).
 
 Step times are medians over --iters iterations after --warmup, of bm.train_step itself (the
@@ -304,6 +304,7 @@ pre, selft = "model/pre_train", "model/self_train"
 for d in (pre, selft):
     os.makedirs(d, exist_ok=True)
 env["pre_snapshot_path"] = pre
+logging.basicConfig(filename="log.txt", level=logging.INFO, format="%(created).3f %(message)s")
 t0 = time.time(); g["pre_train"](args, pre); t1 = time.time()
 g["self_train"](args, pre, selft); t2 = time.time()
 json.dump({"pretrain_s": t1 - t0, "selftrain_s": t2 - t1}, open("times.json", "w"))
@@ -353,11 +354,11 @@ def side_by_side_acdc(a):
         times = json.loads((code / "times.json").read_text())
         net = official_acdc_net(code, code / "model/self_train/unet_best_model.pth")
         rows.append(("official BCP (UNet_2d)", times["pretrain_s"], times["selftrain_s"], wall,
-                     net))
+                     net, [steady(s) for s in official_stamps(code / "log.txt")]))
     out = work / "bcp_minimal"
     flags = ["--data", "ACDC_cpu", "--root", str(root), "--seed", str(a.seed), "--device", "cpu",
              "--amp", a.amp, *network_flags(a), "--compile", str(a.compile), "--eval-split",
-             "none",  # scored below
+             "none", "--log-every", "1",  # scored below; a stamp per step
              "--pretrain-iters", str(cfg.pretrain_iters), "--selftrain-iters",
              str(cfg.selftrain_iters), "--out", str(out)]
     wall = run_once(out, lambda: subprocess.run(
@@ -371,23 +372,27 @@ def side_by_side_acdc(a):
         model = bm.make_model(trained)
         model.load_state_dict(final["model"])
         a.amp, a.top_convs, a.skip = trained.amp, trained.top_convs, trained.skip
+        per_it = [steady([(int(r["iter"]), float(r["seconds"])) for r in log if r["stage"] == s])
+                  for s in ("pretrain", "selftrain")]
         rows.append(("bcp_minimal ACDC_cpu (U-Net)", t_pre, float(log[-1]["seconds"]) - t_pre,
-                     wall, model))
+                     wall, model, per_it))
     print(f"\nACDC, {cfg.labeled} labeled patients, {cfg.pretrain_iters} + "
           f"{cfg.selftrain_iters} iterations, crop {cfg.patch}, batch {cfg.batch_size}, seed "
           f"{a.seed}; {threads(a)}, {cpu_info()}; bcp_minimal --amp {a.amp}{network(a)}; scored "
           "on val.list, last checkpoints\n")
-    print("| run | s/it pre-train | s/it self-train | wall (min) | val Dice | RV | Myo | LV | "
-          "val 95HD |\n|---|---|---|---|---|---|---|---|---|")
+    print(f"| run | s/it pre-train | s/it self-train | s/it pre / self after iteration {SKIP} | "
+          "wall (min) | val Dice | RV | Myo | LV | val 95HD |\n|---|---|---|---|---|---|---|---|---|"
+          "---|")
     result = []
-    for name, tp, ts, wall, net in rows:
+    for name, tp, ts, wall, net, per_it in rows:
         m = bm.evaluate(net, cfg, progress=False)
         c = m["classes"]
         print(f"| {name} | {tp / cfg.pretrain_iters:.2f} | {ts / cfg.selftrain_iters:.2f} | "
+              + " / ".join("–" if v is None else f"{v:.2f}" for v in per_it) + " | "
               f"{wall / 60:.1f} | {m['dice']:.4f} | {c['RV']['dice']:.3f} | "
               f"{c['Myo']['dice']:.3f} | {c['LV']['dice']:.3f} | {m['hd95']:.2f} |")
         result.append({"run": name, "pretrain_s": tp, "selftrain_s": ts, "wall_s": wall,
-                       "seed": a.seed, "machine": cpu_info(), "threads": a.threads, **{
+                       "steady_s_it": per_it, "seed": a.seed, "machine": cpu_info(), "threads": a.threads, **{
                            f"val_{k}": m[k] for k in ("dice", "jaccard", "hd95", "asd")},
                        "val_classes": c})
     (work / "side_by_side.json").write_text(json.dumps(result, indent=2))
@@ -574,10 +579,11 @@ def steady(stamps):
 
 def official_stamps(log):
     """[pre-training, self-training] (iteration, seconds) stamps from the official log.txt: the
-    driver stamps its 'iteration N :' lines; the count starts again at self-training."""
+    driver stamps its 'iteration N : loss' lines (ACDC: 'iteration N: loss'; not the evaluations'
+    'iteration N : mean_dice'); the count starts again at self-training."""
     stages, k = [[], []], 0
     for line in open(log):
-        m = re.match(r"([\d.]+) iteration (\d+) :", line)
+        m = re.match(r"([\d.]+) iteration (\d+) ?: loss", line)
         if m:
             i, seconds = int(m[2]), float(m[1])
             if stages[0] and i <= stages[0][-1][0]:  # counted from 1 again: self-training

@@ -117,6 +117,14 @@ def test_steady_s_it_leaves_out_the_start_up(tmp_path):
     assert [[i for i, _ in s] for s in stages] == [[1, 2, 3], [1, 2]]
     times = [t for s in stages for _, t in s]
     assert times == sorted(times) and abs(times[0] - time.time()) < 60
+    # ACDC: its driver logs alike; 'iteration N: loss' lines, and evaluations' that are not steps
+    assert re.search(r'format="(.*?)"', benchmark.ACDC_DRIVER)[1] == fmt
+    lines = ["Start pre_training", "iteration 1: loss: 0.9, mix_dice: 0.5", "iteration 2: loss: 0.8",
+             "iteration 2 : mean_dice : 0.1", "Start self_training", "iteration 1: loss: 0.6",
+             "iteration 2: loss: 0.5", "iteration 2 : mean_dice : 0.2", "iteration 3: loss: 0.4"]
+    (tmp_path / "acdc.txt").write_text("".join(f"{100 + k}.5 {ln}\n" for k, ln in enumerate(lines)))
+    stages = benchmark.official_stamps(tmp_path / "acdc.txt")
+    assert stages == [[(1, 101.5), (2, 102.5)], [(1, 105.5), (2, 106.5), (3, 108.5)]]
 
 
 def test_driver_makes_cuda_a_no_op_only_off_cuda():
@@ -228,6 +236,8 @@ def test_acdc_side_by_side_trains_bcp_minimal_at_the_given_budget(tmp_path):
     cfg = json.loads((tmp_path / "w" / "bcp_minimal" / "config.json").read_text())
     assert (cfg["pretrain_iters"], cfg["selftrain_iters"], cfg["amp"], cfg["eval_split"]) == (2, 4, "off", "none")
     assert (cfg["top_convs"], cfg["skip"]) == (1, "add")  # passed on (scored as it: the weights load)
+    assert cfg["log_every"] == 1 and res[0]["steady_s_it"] == [None, None]  # a stamp per step;
+    # 2 + 4 iterations: too few past SKIP
 
 
 def test_a_killed_curve_run_resumes_and_its_minutes_go_on(tmp_path, monkeypatch):
