@@ -381,8 +381,7 @@ def side_by_side_acdc(a):
           f"{a.seed}; {threads(a)}, {cpu_info()}; bcp_minimal --amp {a.amp}{network(a)}; scored "
           "on val.list, last checkpoints\n")
     print(f"| run | s/it pre-train | s/it self-train | s/it pre / self after iteration {SKIP} | "
-          "wall (min) | val Dice | RV | Myo | LV | val 95HD |\n|---|---|---|---|---|---|---|---|---|"
-          "---|")
+          "wall (min) | val Dice | RV | Myo | LV | val 95HD |\n" + "|---" * 10 + "|")
     result = []
     for name, tp, ts, wall, net, per_it in rows:
         m = bm.evaluate(net, cfg, progress=False)
@@ -392,7 +391,8 @@ def side_by_side_acdc(a):
               f"{wall / 60:.1f} | {m['dice']:.4f} | {c['RV']['dice']:.3f} | "
               f"{c['Myo']['dice']:.3f} | {c['LV']['dice']:.3f} | {m['hd95']:.2f} |")
         result.append({"run": name, "pretrain_s": tp, "selftrain_s": ts, "wall_s": wall,
-                       "steady_s_it": per_it, "seed": a.seed, "machine": cpu_info(), "threads": a.threads, **{
+                       "steady_s_it": per_it, "seed": a.seed, "machine": cpu_info(),
+                       "threads": a.threads, **{
                            f"val_{k}": m[k] for k in ("dice", "jaccard", "hd95", "asd")},
                        "val_classes": c})
     (work / "side_by_side.json").write_text(json.dumps(result, indent=2))
