@@ -365,17 +365,10 @@ def side_by_side_acdc(a):
         [sys.executable, str(Path(__file__).parent / "bcp_minimal.py"), *flags], env=env,
         check=True), a.only != "official")
     if wall is not None:
-        log = list(csv.DictReader(open(out / "log.csv")))
-        t_pre = max(float(r["seconds"]) for r in log if r["stage"] == "pretrain")
-        final = bm.load_checkpoint(out / "final.pt")
-        trained = bm.config_from_checkpoint(final, {})  # its network, as it trained
+        final, trained, t_pre, t_self, per_it = finished_run(out, a)
         model = bm.make_model(trained)
         model.load_state_dict(final["model"])
-        a.amp, a.top_convs, a.skip = trained.amp, trained.top_convs, trained.skip
-        per_it = [steady([(int(r["iter"]), float(r["seconds"])) for r in log if r["stage"] == s])
-                  for s in ("pretrain", "selftrain")]
-        rows.append(("bcp_minimal ACDC_cpu (U-Net)", t_pre, float(log[-1]["seconds"]) - t_pre,
-                     wall, model, per_it))
+        rows.append(("bcp_minimal ACDC_cpu (U-Net)", t_pre, t_self, wall, model, per_it))
     print(f"\nACDC, {cfg.labeled} labeled patients, {cfg.pretrain_iters} + "
           f"{cfg.selftrain_iters} iterations, crop {cfg.patch}, batch {cfg.batch_size}, seed "
           f"{a.seed}; {threads(a)}, {cpu_info()}; bcp_minimal --amp {a.amp}{network(a)}; scored "
@@ -648,15 +641,7 @@ def side_by_side(a):
         [sys.executable, str(Path(__file__).parent / "bcp_minimal.py"), *flags], env=env,
         check=True), a.only != "official")
     if wall is not None:
-        log = list(csv.DictReader(open(out / "log.csv")))
-        t_pre = max([float(r["seconds"]) for r in log if r["stage"] == "pretrain"] or [0])
-        t_self = float(log[-1]["seconds"]) - t_pre
-        per_it = [steady([(int(r["iter"]), float(r["seconds"])) for r in log if r["stage"] == s])
-                for s in ("pretrain", "selftrain")]
-        final = bm.load_checkpoint(out / "final.pt")
-        trained = bm.config_from_checkpoint(final, {})  # its width, dropout: the nets to score
-        a.amp = trained.amp  # a finished run reused from --work keeps its own precision
-        a.top_convs, a.skip = trained.top_convs, trained.skip  # and network
+        final, trained, t_pre, t_self, per_it = finished_run(out, a)
         kept = {"student": {"model"}, "teacher": {"teacher"},  # the weights the run scores
                 "ensemble": {"model", "teacher"}}[trained.eval_model]
         for key, name in (("model", "bcp_minimal student"), ("teacher", "its EMA teacher")):
@@ -691,6 +676,20 @@ def side_by_side(a):
     (work / "side_by_side.json").write_text(json.dumps(result, indent=2))
     print(f"\nall files in {work}")
     return result
+
+
+def finished_run(out, a):
+    """bcp_minimal's finished run in `out` -> (final checkpoint, its config: the network to
+    score, stage seconds pre / self, steady s/it pre / self). A run reused from --work keeps its
+    own precision and network: `a` takes them, for the table's header."""
+    log = list(csv.DictReader(open(out / "log.csv")))
+    t_pre = max([float(r["seconds"]) for r in log if r["stage"] == "pretrain"] or [0])
+    per_it = [steady([(int(r["iter"]), float(r["seconds"])) for r in log if r["stage"] == s])
+              for s in ("pretrain", "selftrain")]
+    final = bm.load_checkpoint(out / "final.pt")
+    trained = bm.config_from_checkpoint(final, {})
+    a.amp, a.top_convs, a.skip = trained.amp, trained.top_convs, trained.skip
+    return final, trained, t_pre, float(log[-1]["seconds"]) - t_pre, per_it
 
 
 def network_flags(a):
