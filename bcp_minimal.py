@@ -28,6 +28,7 @@ import itertools
 import json
 import math
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -522,8 +523,8 @@ class Config:
                        " a C++ compiler on a CPU): 3-11 %% less a step after minutes of compiling;"
                        " the same weights up to float rounding")
     amp: str = _f("auto", "autocast: bf16 on GPUs of compute capability >= 8.0, fp16 + "
-                  "GradScaler on older ones (T4), bf16 on CPUs with AMX or AVX512-BF16; fp32 "
-                  "elsewhere", ["auto", "on", "off"])
+                  "GradScaler on older ones (T4), bf16 on CPUs with AMX or AMD's AVX512-BF16; "
+                  "fp32 elsewhere", ["auto", "on", "off"])
     out: str = _f("runs/sample", "run folder: config, log, checkpoints, metrics")
     log_every: int = _f(20, "iterations between log lines (host syncs)")
     ckpt_every: int = _f(200, "iterations between checkpoints, a multiple of --log-every")
@@ -627,14 +628,25 @@ def pick_device(name="auto"):
         raise UserError(f"--device {name}: not available here; use --device auto or cpu")
     return torch.device(name)
 
+def cpu_vendor():
+    """-> 'AMD', 'Intel' or '' (Linux: /proc/cpuinfo; Windows: platform.processor())."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = platform.processor()
+    return "AMD" if "AuthenticAMD" in text else "Intel" if "GenuineIntel" in text else ""
+
 def amp_setup(mode, device):
     """-> (autocast, GradScaler or None). CUDA: bf16 at compute capability >= 8.0, else fp16 +
-    GradScaler (a T4 reports bf16 but emulates it, slowly). CPU, "auto": bf16 with native bf16
-    instructions, AMX or AVX512-BF16 (1.5-1.7x per step: docs/choices.md), fp32 elsewhere."""
-    native = [getattr(torch.cpu, f, lambda: False)() for f in ("_is_amx_tile_supported",
-                                                                  "_is_avx512_bf16_supported")]
-    if mode == "off" or device.type == "mps" or (mode == "auto" and device.type == "cpu"
-                                                  and not any(native)):
+    GradScaler (a T4 reports bf16 but emulates it, slowly). CPU, "auto": bf16 where it measured
+    faster (docs/choices.md): with AMX (1.5x per step), or AVX512-BF16 on an AMD CPU (1.7x);
+    fp32 elsewhere: on Intel's AVX512-BF16 without AMX, bf16 was 1.1-1.2x slower; without
+    either, bf16 is emulated (~80x slower)."""
+    amx, avx512_bf16 = [getattr(torch.cpu, f, lambda: False)() for f in (
+        "_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    if mode == "auto" and device.type == "cpu":
+        mode = "on" if amx or (avx512_bf16 and cpu_vendor() == "AMD") else "off"
+    if mode == "off" or device.type == "mps":
         return contextlib.nullcontext, None
     if device.type == "cpu":
         return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)), None

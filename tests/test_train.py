@@ -188,17 +188,22 @@ def test_real_la_full_size_two_iterations(tmp_path):
     assert len(_losses(tmp_path)) == 4
 
 
-@pytest.mark.parametrize("amx, avx512_bf16, auto_bf16", [
-    (True, True, True),     # Xeon 4th gen+ (AMX)
-    (False, True, True),    # AMD EPYC Zen 4, Xeon 3rd gen (Cooper Lake): AVX512-BF16, no AMX
-    (False, False, False),  # most laptops, older servers: bf16 would be emulated
+@pytest.mark.parametrize("vendor, amx, avx512_bf16, auto_bf16", [
+    ("Intel", True, True, True),     # Xeon 4th gen+ (AMX): bf16 1.5x faster
+    ("AMD", False, True, True),      # EPYC / Ryzen Zen 4+: AVX512-BF16, no AMX: 1.7x faster
+    ("Intel", False, True, False),   # Xeon 3rd gen (Cooper Lake): bf16 1.1-1.2x slower
+    ("", False, True, False),        # AVX512-BF16 from an unknown vendor: not measured
+    ("AMD", False, False, False),    # AVX2 only: bf16 would be emulated
+    ("Intel", False, False, False),  # most laptops, older servers: the same
 ])
-def test_amp_on_cpu_is_bf16_where_the_cpu_has_native_bf16(monkeypatch, amx, avx512_bf16, auto_bf16):
-    """CPU: --amp auto is bf16 with AMX or AVX512-BF16, fp32 without either; on: bf16 anyway;
-    off: fp32 anyway; never a GradScaler (bf16 needs none)."""
+def test_amp_auto_on_cpu_is_bf16_where_it_measured_faster(monkeypatch, vendor, amx, avx512_bf16,
+                                                           auto_bf16):
+    """CPU: --amp auto is bf16 with AMX, or AVX512-BF16 on AMD, fp32 elsewhere (docs/choices.md);
+    on: bf16 anyway; off: fp32 anyway; never a GradScaler (bf16 needs none)."""
     conv, x = torch.nn.Conv3d(1, 2, 3), torch.randn(1, 1, 4, 4, 4)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(bm, "cpu_vendor", lambda: vendor)
 
     def dtype(mode):
         autocast, scaler = bm.amp_setup(mode, torch.device("cpu"))
@@ -208,6 +213,30 @@ def test_amp_on_cpu_is_bf16_where_the_cpu_has_native_bf16(monkeypatch, amx, avx5
 
     assert dtype("auto") == (torch.bfloat16 if auto_bf16 else torch.float32)
     assert dtype("on") == torch.bfloat16 and dtype("off") == torch.float32
+
+
+@pytest.mark.parametrize("text, vendor", [
+    ("vendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14\n", "AMD"),
+    ("vendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum 8488C\n", "Intel"),
+    ("processor\t: 0\nBogoMIPS\t: 243.75\n", ""),  # an ARM machine
+])
+def test_cpu_vendor_reads_proc_cpuinfo(monkeypatch, text, vendor):
+    monkeypatch.setattr(bm.Path, "read_text", lambda self, *a, **k: text)
+    assert bm.cpu_vendor() == vendor
+
+
+@pytest.mark.parametrize("processor, vendor", [
+    ("AMD64 Family 25 Model 17 Stepping 1, AuthenticAMD", "AMD"),
+    ("Intel64 Family 6 Model 143 Stepping 8, GenuineIntel", "Intel"),
+    ("i386", ""),  # macOS on Intel: no vendor here, and no AVX512-BF16 in any Mac
+])
+def test_cpu_vendor_without_proc_cpuinfo_reads_platform(monkeypatch, processor, vendor):
+    """Windows and macOS have no /proc/cpuinfo: Windows names the vendor in platform.processor()."""
+    def missing(self, *a, **k):
+        raise FileNotFoundError(self)
+    monkeypatch.setattr(bm.Path, "read_text", missing)
+    monkeypatch.setattr(bm.platform, "processor", lambda: processor)
+    assert bm.cpu_vendor() == vendor
 
 
 def test_bf16_step_keeps_fp32_weights_and_a_finite_loss(tiny_data, tmp_path):
