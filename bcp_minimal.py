@@ -636,24 +636,30 @@ def cpu_vendor():
         text = platform.processor()
     return "AMD" if "AuthenticAMD" in text else "Intel" if "GenuineIntel" in text else ""
 
-def amp_setup(mode, device):
-    """-> (autocast, GradScaler or None). CUDA: bf16 at compute capability >= 8.0, else fp16 +
-    GradScaler (a T4 reports bf16 but emulates it, slowly). CPU, "auto": bf16 where it measured
-    faster (docs/choices.md): with AMX (1.5x per step), or AVX512-BF16 on an AMD CPU (1.7x);
-    fp32 elsewhere: on Intel's AVX512-BF16 without AMX, bf16 was 1.1-1.2x slower; without
-    either, bf16 is emulated (~80x slower)."""
+def amp_dtype(mode, device):
+    """-> the autocast dtype of --amp `mode` on `device`; None: fp32. CUDA: bf16 at compute
+    capability >= 8.0, else fp16 (a T4 reports bf16 but emulates it, slowly). CPU, "auto": bf16
+    where it measured faster (docs/choices.md): with AMX (1.5x per step), or AVX512-BF16 on an
+    AMD CPU (1.7x); fp32 elsewhere: on Intel's AVX512-BF16 without AMX bf16 was 1.1-1.2x slower;
+    without either, bf16 is emulated (~80x slower)."""
     amx, avx512_bf16 = [getattr(torch.cpu, f, lambda: False)() for f in (
         "_is_amx_tile_supported", "_is_avx512_bf16_supported")]
     if mode == "auto" and device.type == "cpu":
         mode = "on" if amx or (avx512_bf16 and cpu_vendor() == "AMD") else "off"
     if mode == "off" or device.type == "mps":
-        return contextlib.nullcontext, None
+        return None
     if device.type == "cpu":
-        return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)), None
+        return torch.bfloat16
     native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
-    dtype = torch.bfloat16 if native_bf16 and torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if native_bf16 and torch.cuda.is_bf16_supported() else torch.float16
+
+def amp_setup(mode, device):
+    """-> (autocast, GradScaler or None); fp16 alone needs the scaler."""
+    dtype = amp_dtype(mode, device)
+    if dtype is None:
+        return contextlib.nullcontext, None
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
 def stage_lr(cfg, stage, it):
     """lr of iteration `it` (from 1): x0.1 every lr_step self-training iterations (official)."""
@@ -780,6 +786,12 @@ def train(cfg, state=None, progress=True, on_log=None):
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     torch.backends.cudnn.benchmark = True
+    device = next(run.model.parameters()).device
+    if lead:  # what --amp auto chose, and the threads a CPU run uses
+        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[
+            amp_dtype(cfg.amp, device)]
+        print(f"{cfg.method} on {device}" + (f", {torch.get_num_threads()} threads" if
+              device.type == "cpu" else "") + f", {precision} (--amp {cfg.amp})")
     stages = ([("pretrain", cfg.pretrain_iters), ("selftrain", cfg.selftrain_iters)]
               if cfg.method == "bcp" else [("sup", cfg.pretrain_iters + cfg.selftrain_iters)])
     names, done, rows = [s for s, _ in stages], (stages[0][0], 0), []

@@ -239,6 +239,15 @@ def test_cpu_vendor_without_proc_cpuinfo_reads_platform(monkeypatch, processor, 
     assert bm.cpu_vendor() == vendor
 
 
+@pytest.mark.parametrize("amp, said", [("off", "fp32 (--amp off)"), ("on", "bf16 (--amp on)")])
+def test_training_says_its_device_threads_and_precision(tiny_data, tmp_path, capsys, amp, said):
+    """The first line of a run names what --amp chose, so that a CPU run's speed can be read."""
+    bm.train(tiny_cfg(tiny_data, tmp_path, amp=amp, pretrain_iters=1, selftrain_iters=1),
+             progress=False)
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"bcp on cpu, {torch.get_num_threads()} threads, {said}")
+
+
 def test_bf16_step_keeps_fp32_weights_and_a_finite_loss(tiny_data, tmp_path):
     """One self-training step under CPU bf16: the loss is fp32 (losses cast the logits), the
     weights and the teacher stay fp32, and the step moves the student."""
