@@ -312,7 +312,8 @@ json.dump({"pretrain_s": t1 - t0, "selftrain_s": t2 - t1}, open("times.json", "w
 
 
 def cpu_info():
-    """-> 'CPU model name, N cores; AMX yes/no, AVX512-BF16 yes/no' (Linux /proc/cpuinfo)."""
+    """-> 'CPU model name, N cores; AMX yes/no, AVX512-BF16 yes/no; --amp auto: bf16/fp32'
+    (Linux /proc/cpuinfo)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -322,8 +323,9 @@ def cpu_info():
     flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines()
                       if ln.startswith("flags")), []))
     yes = lambda f: "yes" if f in flags else "no"  # noqa: E731
+    auto = "bf16" if bm.amp_dtype("auto", torch.device("cpu")) else "fp32"
     return (f"{name}, {os.cpu_count()} cores; AMX {yes('amx_tile')}, AVX512-BF16 "
-            f"{yes('avx512_bf16')}")
+            f"{yes('avx512_bf16')}; --amp auto: {auto}")
 
 
 def side_by_side_acdc(a):

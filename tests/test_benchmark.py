@@ -269,3 +269,17 @@ def test_a_killed_curve_run_resumes_and_its_minutes_go_on(tmp_path, monkeypatch)
              if r["stage"] == "selftrain"}  # seconds of the resumed process
     for p, it in zip(points[1:], (2, 4)):  # after the kill: the checkpoint's time + the new time
         assert p["minutes"] * 60 == pytest.approx(spent + again[it], abs=1e-6)
+
+
+@pytest.mark.parametrize("vendor, amx, flags, says", [
+    ("AuthenticAMD", False, "avx2 avx512f avx512_bf16", "AMX no, AVX512-BF16 yes; --amp auto: bf16"),
+    ("GenuineIntel", False, "avx2 avx512f avx512_bf16", "AMX no, AVX512-BF16 yes; --amp auto: fp32"),
+    ("GenuineIntel", True, "avx512_bf16 amx_tile", "AMX yes, AVX512-BF16 yes; --amp auto: bf16"),
+])
+def test_cpu_info_names_the_flags_and_what_amp_auto_picks(monkeypatch, vendor, amx, flags, says):
+    text = f"vendor_id\t: {vendor}\nmodel name\t: Some CPU\nflags\t\t: {flags}\n"
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: text)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: "avx512_bf16" in flags,
+                        raising=False)
+    assert benchmark.cpu_info() == f"Some CPU, {os.cpu_count()} cores; {says}"
