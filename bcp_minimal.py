@@ -636,6 +636,8 @@ def cpu_vendor():
         text = platform.processor()
     return "AMD" if "AuthenticAMD" in text else "Intel" if "GenuineIntel" in text else ""
 
+PRECISION = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # amp_dtype -> its name
+
 def amp_dtype(mode, device):
     """-> the autocast dtype of --amp `mode` on `device`; None: fp32. CUDA: bf16 at compute
     capability >= 8.0, else fp16 (a T4 reports bf16 but emulates it, slowly). CPU, "auto": bf16
@@ -788,10 +790,9 @@ def train(cfg, state=None, progress=True, on_log=None):
     torch.backends.cudnn.benchmark = True
     device = next(run.model.parameters()).device
     if lead:  # what --amp auto chose, and the threads a CPU run uses
-        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[
-            amp_dtype(cfg.amp, device)]
         print(f"{cfg.method} on {device}" + (f", {torch.get_num_threads()} threads" if
-              device.type == "cpu" else "") + f", {precision} (--amp {cfg.amp})")
+              device.type == "cpu" else "") + f", {PRECISION[amp_dtype(cfg.amp, device)]} "
+              f"(--amp {cfg.amp})")
     stages = ([("pretrain", cfg.pretrain_iters), ("selftrain", cfg.selftrain_iters)]
               if cfg.method == "bcp" else [("sup", cfg.pretrain_iters + cfg.selftrain_iters)])
     names, done, rows = [s for s, _ in stages], (stages[0][0], 0), []

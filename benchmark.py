@@ -323,7 +323,7 @@ def cpu_info():
     flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines()
                       if ln.startswith("flags")), []))
     yes = lambda f: "yes" if f in flags else "no"  # noqa: E731
-    auto = "bf16" if bm.amp_dtype("auto", torch.device("cpu")) else "fp32"
+    auto = bm.PRECISION[bm.amp_dtype("auto", torch.device("cpu"))]
     return (f"{name}, {os.cpu_count()} cores; AMX {yes('amx_tile')}, AVX512-BF16 "
             f"{yes('avx512_bf16')}; --amp auto: {auto}")
 
