@@ -229,8 +229,9 @@ def selftrain_batch(lab, unl, teacher, cfg, g):
             "M": M, "y_a": y_a, "p_a": p_a, "p_b": p_b, "y_b": y_b}
 
 def stage_loss(stage, model, teacher, lab, unl, cfg, g):
-    """The loss of one iteration of stage sup | pretrain | selftrain -> (loss, {name: term})."""
-    if stage == "sup":  # the supervised-only baseline: whole labeled crops, no copy-paste
+    """The loss of one iteration of stage pretrain | selftrain -> (loss, {name: term})."""
+    if cfg.method == "sup":  # the supervised-only baseline: whole labeled crops, no copy-paste,
+        # in both stages (BCP's schedule: the same lr and optimizer restart, no teacher)
         x, y = lab.batch(lab.draw(cfg.batch_size // 2))
         loss = seg_loss(model(x), y)
         return loss, {"loss": loss}
@@ -260,7 +261,7 @@ def train_step(run, stage):
     run.scaler.step(run.optimizer) if run.scaler else run.optimizer.step()
     if run.scaler:
         run.scaler.update()
-    if stage == "selftrain":
+    if run.teacher is not None:  # BCP self-training (sup has no teacher)
         ema_update(run.teacher, run.model, run.cfg.ema_decay)  # every iteration
     return {k: v.detach() for k, v in terms.items()}
 
@@ -477,7 +478,7 @@ class Config:
     labeled: int = _f(2, "LA: the first N cases of train.list are labeled; ACDC: the first N "
                       "patients of train_slices.list (3 -> 68 slices, 7 -> 136)")
     method: str = _f("bcp", "bcp: copy-paste pre-training, then BCP self-training; sup: the "
-                     "labeled cases only, no copy-paste, same iterations", ["bcp", "sup"])
+                     "labeled cases only, no copy-paste, BCP's stages and lr", ["bcp", "sup"])
     pretrain_iters: int = _f(200, "stage 1 iterations (labeled copy-paste)")
     selftrain_iters: int = _f(600, "stage 2 iterations (BCP self-training)")
     patch: tuple = _f((32, 32, 32), "training crop X Y Z (2-D: X Y), sides multiples of 16")
@@ -779,8 +780,9 @@ LOG_FIELDS = ["stage", "iter", "lr", "loss", "loss_in", "loss_out", "seconds"]
 
 def train(cfg, state=None, progress=True, on_log=None):
     """Train per cfg into cfg.out -> the Run; `state`: a checkpoint to resume (resume_run).
-    bcp: "pretrain", then "selftrain" (teacher = the pre-trained student, a new optimizer as
-    official LA; official ACDC restores the pre-training one: docs/choices.md); sup: one stage.
+    "pretrain", then "selftrain" (teacher = the pre-trained student, a new optimizer as
+    official LA; official ACDC restores the pre-training one: docs/choices.md). sup runs the
+    same two stages, lr and optimizers on plain labeled crops: only the data differ.
     on_log(stage, it, run, rows) runs after each log flush."""
     from tqdm.auto import tqdm
     run, out, t0 = make_run(cfg), Path(cfg.out), time.time()  # seconds: since this process began
@@ -793,8 +795,7 @@ def train(cfg, state=None, progress=True, on_log=None):
         print(f"{cfg.method} on {device}" + (f", {torch.get_num_threads()} threads" if
               device.type == "cpu" else "") + f", {PRECISION[amp_dtype(cfg.amp, device)]} "
               f"(--amp {cfg.amp})")
-    stages = ([("pretrain", cfg.pretrain_iters), ("selftrain", cfg.selftrain_iters)]
-              if cfg.method == "bcp" else [("sup", cfg.pretrain_iters + cfg.selftrain_iters)])
+    stages = [("pretrain", cfg.pretrain_iters), ("selftrain", cfg.selftrain_iters)]
     names, done, rows = [s for s, _ in stages], (stages[0][0], 0), []
     if state is not None:
         if len(state["rng"]) != run.world:
@@ -816,7 +817,7 @@ def train(cfg, state=None, progress=True, on_log=None):
     ckpt, save = out / "ckpt_last.pt", lambda path, st: lead and save_checkpoint(path, st)
     for stage, iters in stages[names.index(done[0]):]:
         resumed = state is not None and stage == done[0]
-        if stage == "selftrain":
+        if stage == "selftrain" and cfg.method == "bcp":
             run.teacher = teacher_of(run.model, cfg)  # theta_t <- theta_s
             if resumed:
                 run.teacher.load_state_dict(state["teacher"])

@@ -1,5 +1,6 @@
 """End-to-end: both stages, the teacher's EMA per iteration, resume after SIGKILL, evaluation."""
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -57,15 +58,23 @@ def test_selftrain_teacher_starts_as_pretrained_student(tiny_data, tmp_path, mon
         assert torch.equal(seen[0][k], pre[k]), k  # (its BN statistics moved: a train-mode forward)
 
 
-def test_sup_is_one_stage_on_labeled_only(tiny_data, tmp_path, monkeypatch):
-    """--method sup: one stage, every batch from the labeled sampler, no mask, no teacher."""
+def test_sup_runs_bcps_schedule_on_labeled_only(tiny_data, tmp_path, monkeypatch):
+    """--method sup: BCP's two stages (lr per iteration, optimizer restart), every batch from the
+    labeled sampler, no mask, no teacher: the lr column of its log equals BCP's."""
     drawn, real_batch = [], bm.VolumeSampler.batch
     monkeypatch.setattr(bm.VolumeSampler, "batch", lambda self, idx: drawn.append(self.labels is not None) or real_batch(self, idx))
+    made, real_sgd = [], torch.optim.SGD.__init__
+    monkeypatch.setattr(torch.optim.SGD, "__init__", lambda self, *a, **k: made.append(1) or real_sgd(self, *a, **k))
+    cfg = tiny_cfg(tiny_data, tmp_path / "bcp", lr_step=2, selftrain_iters=5)
+    bm.train(cfg, progress=False)
+    bcp_lr = [(r["stage"], r["iter"], r["lr"]) for r in csv.DictReader(open(tmp_path / "bcp" / "log.csv"))]
+    drawn.clear(), made.clear()
     monkeypatch.setattr(bm, "bcp_mask", lambda *a, **k: pytest.fail("sup made a copy-paste mask"))
-    cfg = tiny_cfg(tiny_data, tmp_path, method="sup")
-    run = bm.train(cfg, progress=False)
-    assert [(s, i) for s, i, _ in _losses(tmp_path)] == [("sup", i) for i in range(1, 8)]
-    assert drawn == [True] * 7 and run.teacher is None
+    monkeypatch.setattr(bm, "ema_update", lambda *a, **k: pytest.fail("sup made an EMA step"))
+    run = bm.train(dataclasses.replace(cfg, method="sup", out=str(tmp_path / "sup")), progress=False)
+    sup_lr = [(r["stage"], r["iter"], r["lr"]) for r in csv.DictReader(open(tmp_path / "sup" / "log.csv"))]
+    assert sup_lr == bcp_lr and len(sup_lr) == 8 and bcp_lr[-1][2] != bcp_lr[0][2]
+    assert drawn == [True] * 8 and run.teacher is None and made == [1, 1]  # a new SGD per stage
 
 
 def test_the_loop_sets_the_lr_of_the_schedule(tiny_data, tmp_path, monkeypatch):
@@ -152,8 +161,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path
         return real(logits, target) * (float("nan") if n["i"] == 5 else 1.0)
 
     monkeypatch.setattr(bm, "seg_loss", poisoned)
-    cfg = tiny_cfg(tiny_data, tmp_path, method="sup", log_every=2, ckpt_every=2)
-    with pytest.raises(bm.UserError, match=r"sup iteration 5;"):
+    cfg = tiny_cfg(tiny_data, tmp_path, method="sup", log_every=2, ckpt_every=2, pretrain_iters=6)
+    with pytest.raises(bm.UserError, match=r"pretrain iteration 5;"):
         bm.train(cfg, progress=False)
     assert torch.load(tmp_path / "ckpt_last.pt", weights_only=False)["iter"] == 4
 
