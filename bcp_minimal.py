@@ -1,5 +1,4 @@
 """bcp_minimal: Bidirectional Copy-Paste (BCP) for semi-supervised segmentation, LA 3-D, ACDC 2-D.
-
 Yunhao Bai, Duowen Chen, Qingli Li, Wei Shen, Yan Wang, "Bidirectional Copy-Paste for
 Semi-Supervised Medical Image Segmentation", CVPR 2023 (arXiv 2305.00673). Official code:
 github.com/DeepMed-Lab-ECNU/BCP (one script per data set: LA_BCP_train.py, ACDC_BCP_train.py).
@@ -13,7 +12,7 @@ and an unlabeled scan X_u into each other, in both directions (paper Eq. 1-2):
 
 Labels are mixed the same way from ground truth Y_l and pseudo-labels P_u; the loss (Eq. 6-9)
 weighs the ground-truth region of each mix 1 and its pseudo-labeled region alpha = 0.5.
-Helpers beside this file, not the method: get_data.py, plots.py, data_samples/make_samples.py.
+The data side (files, normalising, crops) is get_data.py beside this file; plots.py draws.
 """
 
 from __future__ import annotations
@@ -38,6 +37,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# The data side: files, normalising, crops (it imports no project file). UserError: bad input,
+# one line, no traceback, exit 2. The other names are re-exported for the notebooks.
+import get_data as gd
+from get_data import CASE_FILE, CASES_DIR, UserError, VolumeSampler, load_case, load_split  # noqa
+
 # 1. The network: a plain U-Net (the paper: V-Net; BCP works with any encoder-decoder) -------
 
 class ConvBlock(nn.Sequential):  # (conv 3^d -> BatchNorm -> ReLU) x n
@@ -48,13 +52,11 @@ class ConvBlock(nn.Sequential):  # (conv 3^d -> BatchNorm -> ReLU) x n
 
 class UNet(nn.Module):
     """U-Net, 4 poolings, widths w..16w: (B, C, *S) -> logits (B, K, *S); sides divide by 16.
-    Deviations: official LA uses a V-Net, whose channel dropout (p 0.5) `dropout` puts on the same
-    two places (bottleneck, last features); official ACDC's UNet_2d has LeakyReLU, bilinear
-    upsampling and encoder dropout 0.05-0.5 (ACDC presets: none; measured in docs/choices.md).
-    Two V-Net-like options make it cheaper on a CPU (docs/choices.md):
-    top_convs=1: one convolution, not two, in each full-resolution block (enc0, dec0), the level
-    that costs most; skip="add": each decoder block gets encoder + upsampled features summed, as
-    the V-Net's skips, not concatenated: its first convolution takes half the channels."""
+    Deviation: official LA uses a V-Net; the LA presets take its choices where they cost most
+    (docs/choices.md): `dropout` 0.5 at its two places (bottleneck, last features), top_convs=1
+    (one convolution in each full-resolution block), skip="add" (decoder blocks sum encoder and
+    upsampled features, half the channels in). Official ACDC's UNet_2d: LeakyReLU, bilinear
+    upsampling, encoder dropout 0.05-0.5 (the ACDC presets: none; measured in docs/choices.md)."""
 
     def __init__(self, in_channels=1, num_classes=2, width=16, dims=3, dropout=0.0, top_convs=2,
                  skip="concat"):
@@ -95,15 +97,26 @@ class UNet(nn.Module):
 
 # 2. BCP: the mask and the mix (Eq. 1-2) ------------------------------------------------------
 
-def bcp_mask(spatial_shape, beta=2 / 3, center=False, generator=None, device=None):
+def bcp_mask(spatial_shape, beta=2 / 3, center=False, generator=None, device=None, shape="box"):
     """The mask M (float, `spatial_shape`): 1 except a 0-box of int(s * beta) voxels per axis,
-    its corner uniform in [0, s - size) as the official code (which hard-codes s = 112/80)."""
-    M = torch.ones(tuple(spatial_shape), device=device)
+    its corner uniform in [0, s - size) as the official code (whose range is hard-coded for its
+    112 x 112 x 80 patch). Ablations of the box's shape (paper Table 6), each with the box's
+    share of zeros: "cubes", cubes of s // 8 per axis at random places until they cover it;
+    "slab", all of every axis but one (drawn at random), a slab of that share across it."""
+    S, draw = tuple(spatial_shape), lambda n: int(torch.randint(0, n, (1,), generator=generator))
+    M, sizes = torch.ones(S, device=device), [int(s * beta) for s in S]
+    if shape == "cubes":
+        side = [max(s // 8, 1) for s in S]
+        while int((M == 0).sum()) < math.prod(sizes):
+            corner = [draw(s - c + 1) for s, c in zip(S, side)]
+            M[tuple(slice(a, a + c) for a, c in zip(corner, side))] = 0
+        return M
+    if shape == "slab":  # e.g. 3-D, beta = 2/3: 8/27 of one axis (the paper's "contact" mask)
+        axis, share = draw(len(S)), math.prod(sizes) / math.prod(S)
+        sizes = [max(round(s * share), 1) if i == axis else s for i, s in enumerate(S)]
     box = []
-    for s in spatial_shape:
-        size = int(s * beta)  # < s for beta < 1: the range below is never empty
-        start = (s - size) // 2 if center else int(torch.randint(0, s - size, (1,),
-                                                                 generator=generator))
+    for s, size in zip(S, sizes):  # size < s for beta < 1: the range below is never empty
+        start = (s - size) // 2 if center or size == s else draw(s - size)
         box.append(slice(start, start + size))
     M[tuple(box)] = 0
     return M
@@ -120,9 +133,9 @@ def mix(outer, inner, mask):
 EPS = 1e-5  # Dice smoothing (official mask_DiceLoss: 1e-5)
 
 def masked_dice_loss(logits, target, region):
-    """Soft Dice where region == 1, every class, per sample (as the official LA mask_DiceLoss
-    since its first upload; the 2023-10 fix a925e30 was to ACDC's 2-D DiceLoss, whose
-    background region was the whole image). target (B, *S), region (*S) or (B, *S):
+    """Soft Dice where region == 1, every class, per sample (official LA mask_DiceLoss; an
+    early official ACDC DiceLoss took background over the whole image, fixed in 2023-10).
+    target (B, *S), region (*S) or (B, *S):
         L = 1 - mean_{b,k} (2 sum(r p y) + eps) / (sum(r (p + y)) + eps)"""
     K = logits.shape[1]
     p = logits.float().softmax(1)  # (B, K, *S)
@@ -204,29 +217,49 @@ def largest_per_class(lab, num_classes):
 
 # 5. One BCP step. The notebooks draw these same batches -------------------------------------
 
+def step_mask(cfg, g, device, copy_paste=True):
+    """This step's M (*P): cfg.mask_shape's, or all ones without copy-paste (each image as is)."""
+    if not copy_paste:
+        return torch.ones(cfg.patch, device=device)
+    return bcp_mask(cfg.patch, cfg.beta, cfg.mask_center, g, device, cfg.mask_shape)
+
 def pretrain_batch(lab, cfg, g):
-    """Stage 1, labeled copy-paste: x = x_a M + x_b (1 - M), labels alike. Deviation: with fewer
-    labeled cases than batch_size / 2, a case can be pasted into itself."""
+    """Stage 1, labeled copy-paste: x = x_a M + x_b (1 - M), labels alike (--pretrain-mix false:
+    M = 1, x = x_a). Deviation: the official sampler pairs distinct cases; here a case can be
+    pasted into itself when the labeled cases are fewer than, or no multiple of, batch_size/2."""
     x, y = lab.batch(lab.draw(cfg.batch_size // 2))  # (2h, 1, *P), (2h, *P)
     h = len(x) // 2
-    M = bcp_mask(cfg.patch, cfg.beta, cfg.mask_center, g, x.device)  # (*P)
+    M = step_mask(cfg, g, x.device, cfg.pretrain_mix)  # (*P)
     return {"x": mix(x[:h], x[h:], M), "y": mix(y[:h], y[h:], M), "M": M}
+
+# Self-training's two mixes, mix(outer, inner, M), one per forward, for each --direction (paper
+# Table 4). x: labeled crops (ground truth y, weight 1); u: unlabeled (pseudo-labels p, alpha).
+DIRECTIONS = {"both": (("x_a", "u_a"), ("u_b", "x_b")),  # X_in, X_out: the paper
+              "in": (("x_a", "u_a"), ("x_b", "u_b")),  # X_in twice
+              "out": (("u_a", "x_a"), ("u_b", "x_b")),  # X_out twice
+              "within": (("x_a", "x_b"), ("u_a", "u_b")),  # each kind into its own kind
+              "none": (("x_a", "x_b"), ("u_a", "u_b"))}  # M = 1: x_a and u_a as they are
 
 @torch.no_grad()
 def selftrain_batch(lab, unl, teacher, cfg, g):
-    """Stage 2: teacher pseudo-labels, then both mixes -> x_in, x_out (h, 1, *P), their labels
-    y_in, y_out (h, *P), M, and the parts the loss reads: y_a, p_a (X_in), p_b, y_b (X_out)."""
+    """Stage 2: teacher pseudo-labels, then two mixes (DIRECTIONS; both: X_in, X_out) -> x_in,
+    x_out (h, 1, *P), labels y_in, y_out (h, *P), M, and for bcp_loss targets_in, targets_out
+    = (outer target, inner target, outer weight, inner weight)."""
     x, y = lab.batch(lab.draw(cfg.batch_size // 2))  # labeled (2h, 1, *P), (2h, *P)
     u, _ = unl.batch(unl.draw(cfg.batch_size // 2))  # unlabeled (labels: None, never held)
     h = len(x) // 2
     teacher.train()  # official: a train-mode teacher (BatchNorm of the batch), each half alone
     p = torch.cat([pseudo_label(teacher(u[:h]), cfg.pseudo_lcc),
                    pseudo_label(teacher(u[h:]), cfg.pseudo_lcc)])  # (2h, *P)
-    M = bcp_mask(cfg.patch, cfg.beta, cfg.mask_center, g, x.device)  # (*P)
-    y_a, y_b, p_a, p_b = y[:h], y[h:], p[:h], p[h:]
-    return {"x_in": mix(x[:h], u[:h], M), "y_in": mix(y_a, p_a, M),  # X_l M + X_u (1 - M)
-            "x_out": mix(u[h:], x[h:], M), "y_out": mix(p_b, y_b, M),  # X_u M + X_l (1 - M)
-            "M": M, "y_a": y_a, "p_a": p_a, "p_b": p_b, "y_b": y_b}
+    M = step_mask(cfg, g, x.device, cfg.direction != "none")  # (*P)
+    crops = {"x_a": (x[:h], y[:h], 1.0), "x_b": (x[h:], y[h:], 1.0),  # (image, target, weight)
+             "u_a": (u[:h], p[:h], cfg.alpha), "u_b": (u[h:], p[h:], cfg.alpha)}
+    b = {"M": M, "y_a": y[:h], "y_b": y[h:], "p_a": p[:h], "p_b": p[h:]}
+    for name, (outer, inner) in zip(("in", "out"), DIRECTIONS[cfg.direction]):
+        (xo, yo, wo), (xi, yi, wi) = crops[outer], crops[inner]
+        b[f"x_{name}"], b[f"y_{name}"] = mix(xo, xi, M), mix(yo, yi, M)
+        b[f"targets_{name}"] = (yo, yi, wo, wi)
+    return b
 
 def stage_loss(stage, model, teacher, lab, unl, cfg, g):
     """The loss of one iteration of stage pretrain | selftrain -> (loss, {name: term})."""
@@ -244,8 +277,9 @@ def stage_loss(stage, model, teacher, lab, unl, cfg, g):
     q_in, q_out = model(b["x_in"]), model(b["x_out"])  # two forwards as official (BN per mix)
     # L_in  =       L_seg(Q_in, Y_l) on M + alpha L_seg(Q_in, P_u) on 1 - M       (Eq. 6-7)
     # L_out = alpha L_seg(Q_out, P_u) on M +      L_seg(Q_out, Y_l) on 1 - M      (Eq. 8-9)
-    loss_in = bcp_loss(q_in, b["y_a"], b["p_a"], b["M"], 1.0, cfg.alpha)
-    loss_out = bcp_loss(q_out, b["p_b"], b["y_b"], b["M"], cfg.alpha, 1.0)
+    (yo, yi, wo, wi), (zo, zi, vo, vi) = b["targets_in"], b["targets_out"]
+    loss_in = bcp_loss(q_in, yo, yi, b["M"], wo, wi)  # both: (y_a, p_a, M, 1, alpha)
+    loss_out = bcp_loss(q_out, zo, zi, b["M"], vo, vi)  # both: (p_b, y_b, M, alpha, 1)
     return loss_in + loss_out, {"loss": loss_in + loss_out, "loss_in": loss_in,
                                 "loss_out": loss_out}
 
@@ -265,206 +299,7 @@ def train_step(run, stage):
         ema_update(run.teacher, run.model, run.cfg.ema_decay)  # every iteration
     return {k: v.detach() for k, v in terms.items()}
 
-# 6. Data: the official LA layout (3-D) and ACDC's (2-D slices), read once ------------------
-
-CASES_DIR, CASE_FILE = "2018LA_Seg_Training Set", "mri_norm2.h5"
-GET = {"LA": "get it with `python get_data.py LA --root {}` (see README)",
-       "ACDC": "get the SSL4MIS-preprocessed ACDC data with `python get_data.py ACDC --root {}`"}
-CLASS_NAMES = {2: ["LA"], 4: ["RV", "Myo", "LV"]}  # foreground classes: LA; ACDC
-DATASET_FILE = "bcp_dataset.json"  # get_data.py's record of a folder it made: classes, norm..
-MEMORY_FORMAT = {2: torch.channels_last, 3: torch.channels_last_3d}  # 1.5x faster CPU convs
-
-class UserError(Exception):
-    """A problem with the user's data, flags or files: one line, no traceback, exit 2."""
-
-def is_acdc(root):
-    return (Path(root) / "train_slices.list").is_file()  # SSL4MIS layout
-
-def case_path(root, case):
-    """LA: root/2018LA_Seg_Training Set/<case>/mri_norm2.h5. ACDC: root/data/<volume>.h5 and
-    root/data/slices/<slice>.h5, or every file in root/data (the flat copies)."""
-    if not is_acdc(root):
-        return Path(root) / CASES_DIR / case / CASE_FILE
-    nested, flat = Path(root) / "data" / "slices" / f"{case}.h5", Path(root) / "data" / f"{case}.h5"
-    return nested if nested.is_file() or ("_slice_" in case and not flat.is_file()) else flat
-
-def load_case(root, case, num_classes=2, label=True):
-    """One case -> (image float32, label uint8 or None), checked; every problem names the file.
-    label=False (an unlabeled case): its label is never read, nor needed."""
-    import h5py
-    path = case_path(root, case)
-    if not path.is_file():
-        raise UserError(f"{path}: case {case!r} is in a list but has no file; remove it from "
-                        "the list or restore the file" + (" (ACDC: data/slices/ or a flat data/)"
-                                                          if is_acdc(root) else ""))
-    try:
-        with h5py.File(path, "r") as f:
-            missing = [k for k in ("image", "label")[:1 + label] if k not in f]
-            if missing:
-                raise UserError(f"{path}: no dataset {' or '.join(map(repr, missing))} (found "
-                                f"{list(f.keys())}); every case needs 'image', labeled and "
-                                "evaluated ones 'label' (the first --labeled cases of train.list"
-                                " are the labeled ones: put them first or lower --labeled)")
-            image = np.asarray(f["image"][()], np.float32)
-            label = np.asarray(f["label"][()]) if label else None
-    except UserError:
-        raise
-    except Exception as e:  # h5py raises OSError and others on truncated files
-        raise UserError(f"{path}: cannot read this HDF5 file ({type(e).__name__}: {e}); it is "
-                        "corrupt or truncated: re-download or re-create the case") from None
-    shape = image.shape if label is None else label.shape
-    problem = (f"image shape {image.shape} and label shape {shape} must be the same 2-D "
-               "or 3-D shape" if image.ndim not in (2, 3) or image.shape != shape else
-               "the image holds NaN or inf values; fix the preprocessing (np.nan_to_num) or "
-               "drop the case" if not np.isfinite(image).all() else
-               f"label values {np.unique(label)[:10].tolist()} but {num_classes} classes allow "
-               f"0..{num_classes - 1}; fix the label map" if label is not None and (
-                   label.min() < 0 or label.max() >= num_classes) else None)
-    if problem:
-        raise UserError(f"{path}: {problem}")
-    return image, None if label is None else label.astype(np.uint8)
-
-def read_list(root, split, num_classes=2):
-    """The case ids of `<split>.list`, one per line; a missing or empty list is an error."""
-    lst = Path(root) / f"{split}.list"
-    cases = lst.read_text().split() if lst.is_file() else []
-    if not cases:
-        what = "is missing or empty" if Path(root).is_dir() else f"is missing: no folder {root}"
-        raise UserError(f"{lst} {what} (the official layouts have train.list (ACDC: also "
-                        "train_slices.list) and test.list, one id per line); " + GET[
-                            "ACDC" if num_classes == 4 else "LA"].format(root))
-    return cases
-
-def load_split(root, split, num_classes=2, labeled=None):
-    """All cases of `<split>.list` -> (case ids, images, labels), numpy arrays; with `labeled`
-    only the first `labeled` labels are read, the others are None (never opened)."""
-    cases = read_list(root, split, num_classes)
-    n = len(cases) if labeled is None else labeled
-    data = [load_case(root, c, num_classes, label=i < n) for i, c in enumerate(cases)]
-    return cases, [d[0] for d in data], [d[1] for d in data]
-
-def patients_to_slices(slices, n):
-    """ACDC --labeled counts patients: the slices of the first n patients of the list (BCP's
-    patients_to_slices: 3 -> 68, 7 -> 136 with the official train_slices.list)."""
-    patients = list(dict.fromkeys(s.split("_")[0] for s in slices))[:n]
-    return sum(s.split("_")[0] in patients for s in slices)
-
-NORMS = ("zscore", "minmax", "ct", "none")
-
-def normalize(image, norm, window=(-125.0, 275.0)):
-    """One whole scan's intensities as training expects them (float32). zscore (MR, as the LA
-    preprocessing): (x - mean) / std; minmax (ACDC, SSL4MIS): to [0, 1]; ct (official Pancreas
-    / CoraNet): clip to the HU window, then to [0, 1] (deviation: CoraNet divides by the
-    clipped scan's own min-max, the same wherever the scan spans the window; ours is fixed);
-    none: as given. get_data.py applies it when it makes a case, --predict to every NIfTI."""
-    x = np.asarray(image, np.float64)
-    if norm == "zscore":
-        x = (x - x.mean()) / (x.std() + 1e-8)
-    elif norm == "minmax":
-        x = (x - x.min()) / (x.max() - x.min() + 1e-8)
-    elif norm == "ct":
-        x = (np.clip(x, *window) - window[0]) / (window[1] - window[0])
-    return x.astype(np.float32)
-
-def resample(x, zoom, label=False):
-    """A 3-D scan (numpy) resized by `zoom` per axis (old spacing / new spacing), trilinear;
-    label=True: each class's indicator trilinear, then the most likely class (CoraNet: linear,
-    then >= 0.5). Used by get_data.py (--spacing) and --predict on the same config."""
-    size = [max(1, round(s * z)) for s, z in zip(x.shape, zoom)]
-    t = lambda v: F.interpolate(torch.as_tensor(v, dtype=torch.float32)[None, None], size,  # noqa: E731
-                                mode="trilinear", align_corners=False)[0, 0]
-    if not label:
-        return t(x).numpy()
-    classes = np.unique(x)
-    return classes[torch.stack([t(x == k) for k in classes]).argmax(0).numpy()].astype(np.uint8)
-
-def resize(x, size):
-    """An image or label resized to `size`, nearest neighbour. Deviation: official ACDC uses
-    scipy's zoom(order=0), which rounds some positions to the neighbouring source pixel."""
-    return F.interpolate(x[None, None].float(), size=tuple(size), mode="nearest")[0, 0]
-
-def rotate_nearest(v, degrees):
-    """v (X, Y, *rest) turned by `degrees` in (X, Y) about its centre, nearest neighbour, zeros
-    outside: scipy.ndimage.rotate(v, degrees, order=0, reshape=False), as official ACDC."""
-    a, (X, Y) = math.radians(degrees), v.shape[:2]
-    theta = torch.tensor([[[math.cos(a), -math.sin(a) * X / Y, 0],  # grid_sample's coordinates
-                           [math.sin(a) * Y / X, math.cos(a), 0]]], device=v.device)  # are (y, x)
-    x = v.reshape(X, Y, -1).permute(2, 0, 1)[None].float()  # (1, rest, X, Y)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    out = F.grid_sample(x, grid, "nearest", "zeros", align_corners=False)  # (1, rest, X, Y)
-    return out[0].permute(1, 2, 0).reshape(v.shape).to(v.dtype)
-
-class VolumeSampler:
-    """Training crops of volumes (or slices) held on the device, with the official LA
-    augmentation: a random 90-degree rotation in (x, y), a flip along x or y, a random crop.
-    Padding (3-D, official RandomCrop): if a side is <= the patch's, every side gets
-    max((patch - side) // 2 + 3, 0) zeros at both ends, so a crop moves up to 6 voxels even
-    along LA_half's 44 slices (patch 48); `margin=0` (2-D) pads just to the patch. `queue`: the
-    rest of the current pass. labels=None: unlabeled, none held. rotate=R > 0 (ACDC presets:
-    20): the official ACDC augmentation instead, see pose()."""
-
-    def __init__(self, images, labels, patch, device, generator, margin=None, rotate=0):
-        self.patch, self.g, self.queue, self.rotate = tuple(patch), generator, [], rotate
-        margin = (3 if len(patch) == 3 else 0) if margin is None else margin
-        side = max(patch[:2])  # a rotation swaps x and y: pad both to the larger side
-        target, self.images = (side, side, *patch[2:]), []
-        self.labels = None if labels is None else []
-        for n, im in enumerate(images):
-            if margin and any(s <= t for s, t in zip(im.shape, target)):  # official RandomCrop
-                pad = [(max((t - s) // 2 + margin, 0),) * 2 for t, s in zip(target, im.shape)]
-            else:  # just enough for the crop
-                pad = [((t - s) // 2, t - s - (t - s) // 2) if s < t else (0, 0)
-                       for t, s in zip(target, im.shape)]
-            self.images.append(torch.from_numpy(np.pad(im, pad)).to(device))
-            if labels is not None:
-                self.labels.append(torch.from_numpy(np.pad(labels[n], pad)).to(device))
-
-    def randint(self, high):
-        return int(torch.randint(0, high, (1,), generator=self.g))
-
-    def pose(self):
-        """-> (quarter turns k, flip axis or None, angle in degrees) of one draw. rotate = 0:
-        official LA RandomRotFlip, a turn and a flip every draw. rotate = R: official ACDC
-        RandomGenerator, a turn and a flip half the time, else half the time a rotation by an
-        integer angle in [-R, R) (R = 20), else as is (ACDC val 0.661 -> 0.765: docs/choices.md)."""
-        if not self.rotate or self.randint(2):
-            return self.randint(4), self.randint(2), 0
-        return 0, None, self.randint(2 * self.rotate) - self.rotate if self.randint(2) else 0
-
-    def sample(self, i):
-        """-> (image, label) crops of the patch's shape (label None where none is held)."""
-        k, flip, angle = self.pose()
-        p = self.patch
-        size = (p[1], p[0], *p[2:]) if k % 2 else p  # the crop before the rotation
-        # corner in [0, s - c]. Deviation: official RandomCrop draws from [0, s - c), never
-        # ending a crop at the far border (measured on the phantoms: docs/choices.md)
-        corner = [self.randint(s - c + 1) for s, c in zip(self.images[i].shape, size)]
-        crop = tuple(slice(a, a + c) for a, c in zip(corner, size))
-
-        def posed(v):  # the same draw for image and label: a turn, then a rotation or a flip
-            if v is None:
-                return None
-            v = torch.rot90(v[crop], k, (0, 1))
-            if angle:
-                return rotate_nearest(v, angle)
-            return v if flip is None else v.flip(flip)
-        return posed(self.images[i]), posed(self.labels and self.labels[i])
-
-    def batch(self, indices):
-        """-> images (B, 1, *patch) float, labels (B, *patch) long (None: unlabeled)."""
-        images, labels = zip(*[self.sample(i) for i in indices])
-        x = torch.stack(images)[:, None].contiguous(memory_format=MEMORY_FORMAT[len(self.patch)])
-        return x, None if self.labels is None else torch.stack(labels).long()
-
-    def draw(self, n):
-        """n case indices, each pass over the cases in a fresh random order (an epoch)."""
-        out = []
-        while len(out) < n:
-            self.queue = self.queue or torch.randperm(len(self.images), generator=self.g).tolist()
-            out.append(self.queue.pop())
-        return out
-
-# 7. Training: config and presets, stage 1 (pre-training), stage 2 (self-training) -----------
+# 6. Training: config and presets, stage 1 (pre-training), stage 2 (self-training) -----------
 
 def _f(default, help, choices=None, type=int):  # a Config field with its --help line
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices,
@@ -475,57 +310,44 @@ class Config:
     data: str = _f("sample", "preset that sets every default",
                    ["sample", "LA", "LA_half", "ACDC", "ACDC_cpu", "Pancreas"])
     root: str = _f("data_samples", "data folder in the official LA or the ACDC (SSL4MIS) layout")
-    labeled: int = _f(2, "LA: the first N cases of train.list are labeled; ACDC: the first N "
-                      "patients of train_slices.list (3 -> 68 slices, 7 -> 136)")
-    method: str = _f("bcp", "bcp: copy-paste pre-training, then BCP self-training; sup: the "
-                     "labeled cases only, no copy-paste, BCP's stages and lr", ["bcp", "sup"])
+    labeled: int = _f(2, "the first N cases of train.list are labeled (ACDC: N patients)")
+    method: str = _f("bcp", "bcp, or sup: labeled crops alone, BCP's stages and lr", ["bcp", "sup"])
     pretrain_iters: int = _f(200, "stage 1 iterations (labeled copy-paste)")
     selftrain_iters: int = _f(600, "stage 2 iterations (BCP self-training)")
     patch: tuple = _f((32, 32, 32), "training crop X Y Z (2-D: X Y), sides multiples of 16")
     batch_size: int = _f(8, "crops per iteration: half labeled, half unlabeled")
     width: int = _f(8, "U-Net base width (channels of the first level)")
-    top_convs: int = _f(2, "convolutions in each full-resolution U-Net block: 2, or 1 as the "
-                        "V-Net's top level (less time per step on a CPU)", [1, 2])
-    skip: str = _f("concat", "how each decoder block gets the encoder's features: concat (U-Net)"
-                   " or add (V-Net: half the channels in, less time)", ["concat", "add"])
+    top_convs: int = _f(2, "convolutions per full-resolution block: 2, or 1 (V-Net)", [1, 2])
+    skip: str = _f("concat", "skip connections: concat, or add (V-Net)", ["concat", "add"])
     dropout: float = _f(0.0, "channel dropout on the bottleneck and last features (official 0.5)")
-    rotate: int = _f(0, "augmentation. 0: a 90-degree turn and a flip every draw (official "
-                     "LA); R: half the draws so, a quarter turned by an integer angle in [-R, R) "
-                     "degrees (official ACDC: 20)")
+    rotate: int = _f(0, "0: official LA's turn + flip; R: official ACDC's, angles in [-R, R)")
     num_classes: int = _f(2, "classes including background")
     class_names: tuple = _f((), "foreground class names (default: LA; RV Myo LV; 1 2 ..)", type=str)
-    norm: str = _f("zscore", "intensities of a whole scan: zscore (MR), minmax, ct (--window),"
-                   " none; get_data.py applies it to the cases it writes, --predict to every "
-                   "NIfTI scan; h5 cases are read as stored", NORMS)
-    window: tuple = _f((-125.0, 275.0), "ct: the HU window LOW HIGH mapped to [0, 1]", type=float)
-    spacing: tuple = _f((), "mm per voxel X Y Z the cases were resampled to (get_data.py "
-                        "--spacing): --predict resamples NIfTI scans to it, masks back", type=float)
+    norm: str = _f("zscore", "scan intensities: zscore (MR), minmax, ct (--window)", gd.NORMS)
+    window: tuple = _f(gd.CT_WINDOW, "ct: the HU window LOW HIGH mapped to [0, 1]", type=float)
+    spacing: tuple = _f((), "mm per voxel X Y Z of the cases (--predict: NIfTI resampled to it)",
+                        type=float)
     alpha: float = _f(0.5, "weight of the pseudo-labeled region of each mix (paper: 0.5)")
     beta: float = _f(2 / 3, "box side / crop side of the mask (paper: 2/3)")
     mask_center: bool = _f(False, "centre the box (default: a random place, as official)")
+    mask_shape: str = _f("box", "ablation, paper Table 6: the mask's zeros as a box, small cubes,"
+                         " or a slab", ["box", "cubes", "slab"])
+    direction: str = _f("both", "ablation, paper Table 4: copy-paste both ways, in, out, within "
+                        "each kind, or none (DIRECTIONS)", list(DIRECTIONS))
+    pretrain_mix: bool = _f(True, "copy-paste in pre-training (ablation, paper Table 9)")
     ema_decay: float = _f(0.99, "Mean-Teacher EMA decay, one EMA step per iteration")
     pseudo_lcc: bool = _f(True, "keep the largest component of pseudo-labels (official)")
     lr: float = _f(0.01, "SGD learning rate; momentum 0.9, weight decay 1e-4 (official)")
     lr_step: int = _f(2500, "self-training lr x0.1 every N iterations (official LA: 2500)")
     seed: int = _f(1337, "seed of every random draw (official: 1337)")
-    eval_split: str = _f("test", "list scored after training and by --eval: NAME.list "
-                         "(none: no scoring)")
+    eval_split: str = _f("test", "NAME.list scored after training and by --eval (none: none)")
     eval_stride: tuple = _f((16, 16, 16), "sliding-window stride X Y Z at evaluation")
     eval_lcc: bool = _f(True, "keep the largest component of the prediction (official)")
-    eval_model: str = _f("student", "weights scored at the end, by --eval and --predict: the "
-                         "final student, its EMA teacher, or both (ensemble: their mean softmax)"
-                         " (official: the student checkpoint that scored best on test (LA) or "
-                         "val (ACDC))", ["student", "teacher", "ensemble"])
-    eval_tta: bool = _f(False, "mirror test-time augmentation when scoring and predicting: the "
-                        "mean softmax over the 4 flips in x and y of each window (nnU-Net's, "
-                        "never along z: 4 forward passes per window; official: none)")
+    eval_model: str = _f("student", "weights scored: student, teacher, or both (mean softmax)",
+                         ["student", "teacher", "ensemble"])
+    eval_tta: bool = _f(False, "test-time augmentation: 4 mirror images in x, y (official: none)")
     device: str = _f("auto", "auto (cuda, mps, then cpu) | cpu | cuda | mps")
-    compile: bool = _f(False, "torch.compile the student and the teacher for training (inductor;"
-                       " a C++ compiler on a CPU): 3-11 %% less a step after minutes of compiling;"
-                       " the same weights up to float rounding")
-    amp: str = _f("auto", "autocast: bf16 on GPUs of compute capability >= 8.0, fp16 + "
-                  "GradScaler on older ones (T4), bf16 on CPUs with AMX or AMD's AVX512-BF16; "
-                  "fp32 elsewhere", ["auto", "on", "off"])
+    amp: str = _f("auto", "autocast; auto: amp_dtype's measured choice", ["auto", "on", "off"])
     out: str = _f("runs/sample", "run folder: config, log, checkpoints, metrics")
     log_every: int = _f(20, "iterations between log lines (host syncs)")
     ckpt_every: int = _f(200, "iterations between checkpoints, a multiple of --log-every")
@@ -533,11 +355,11 @@ class Config:
 PRESETS = {
     "sample": dict(lr_step=300),  # the phantoms, minutes on a CPU; lr x0.1 halfway (README)
     "LA": dict(root="data/LA", labeled=4, pretrain_iters=2000, selftrain_iters=15000,  # paper
-               patch=(112, 112, 80), width=16, eval_stride=(18, 18, 4), out="runs/LA",
-               log_every=50, ckpt_every=500),
+               patch=(112, 112, 80), width=16, top_convs=1, skip="add", dropout=0.5,
+               eval_stride=(18, 18, 4), out="runs/LA", log_every=50, ckpt_every=500),
     "LA_half": dict(root="data/LA_half", labeled=4, pretrain_iters=1200, selftrain_iters=2400,
-                    patch=(64, 64, 48), width=16, dropout=0.5, eval_stride=(9, 9, 2),
-                    lr_step=2000, eval_tta=True, out="runs/LA_half"),  # lr x0.1, last 400
+                    patch=(64, 64, 48), width=16, top_convs=1, skip="add", dropout=0.5,
+                    eval_stride=(9, 9, 2), lr_step=2000, eval_tta=True, out="runs/LA_half"),
     "ACDC": dict(root="data/ACDC", labeled=3, num_classes=4, norm="minmax",  # official script
                  pretrain_iters=10000, selftrain_iters=30000, patch=(256, 256), batch_size=24,
                  width=16, rotate=20, lr_step=10**9, eval_lcc=False, eval_split="test",
@@ -550,32 +372,22 @@ PRESETS = {
                      spacing=(1.0, 1.0, 1.0), pretrain_iters=1800, selftrain_iters=5000,
                      patch=(96, 96, 96), width=16, eval_stride=(16, 16, 16), out="runs/Pancreas",
                      log_every=50, ckpt_every=500),  # official: 60 x 30 + 200 x 25 iterations
-}  # LA_half: LA at half resolution (get_data.py), sized for a CPU. ACDC: constant lr (official);
-# ACDC_cpu: x0.1 for the last 600; LA_half and ACDC_cpu scored with mirror TTA (deviations,
-# chosen on validation: docs/choices.md)
-# Pancreas (get_data.py pancreas): deviation, official code/pancreas uses V-Net + Adam 1e-3
-RUNTIME = {"root", "out", "device", "amp", "compile", "log_every", "ckpt_every", "eval_split",
+}  # LA, LA_half: the official V-Net's top level and dropout on the U-Net (docs/choices.md).
+# LA_half: LA at half resolution, sized for a CPU: lr x0.1 for the last 400. ACDC: constant lr
+# (official); ACDC_cpu: x0.1 for the last 600. LA_half and ACDC_cpu scored with mirror TTA
+# (deviations, chosen on validation). Pancreas: official uses V-Net + Adam 1e-3 (deviation)
+RUNTIME = {"root", "out", "device", "amp", "log_every", "ckpt_every", "eval_split",
            "eval_stride", "eval_lcc", "eval_model", "eval_tta"}  # what --resume, --eval may change
-
-def dataset_defaults(root):
-    """-> (preset, config defaults) that get_data.py recorded in root/bcp_dataset.json for a
-    folder it made (classes, norm, window, spacing, labeled, eval split), or (None, {})."""
-    path = Path(root) / DATASET_FILE
-    if not path.is_file():
-        return None, {}
-    try:
-        d = json.loads(path.read_text())
-        fields = {f.name for f in dataclasses.fields(Config)}
-        return d.get("preset"), {k: v for k, v in d["config"].items() if k in fields}
-    except (ValueError, KeyError, AttributeError) as e:
-        raise UserError(f"{path}: not a valid {DATASET_FILE} ({e}); re-create the folder with "
-                        "get_data.py or delete the file") from None
 
 def make_config(preset="sample", **overrides):
     """The preset's config; then what the data folder's bcp_dataset.json says; then overrides."""
     root = overrides.get("root", PRESETS[preset].get("root", Config.root))
-    merged = {**PRESETS[preset], **dataset_defaults(root)[1], **overrides, "data": preset}
+    fields = {f.name for f in dataclasses.fields(Config)}
+    folder = {k: v for k, v in gd.dataset_defaults(root)[1].items() if k in fields}
+    merged = {**PRESETS[preset], **folder, **overrides, "data": preset}
     return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()})
+
+CLASS_NAMES = {2: ["LA"], 4: ["RV", "Myo", "LV"]}  # foreground classes: LA; ACDC
 
 def class_names(cfg):
     return list(cfg.class_names or CLASS_NAMES.get(cfg.num_classes) or map(str, range(
@@ -583,8 +395,10 @@ def class_names(cfg):
 
 def config_from_checkpoint(state, given):
     """--resume and --eval: the run's config, flags given now on top (only RUNTIME ones)."""
-    older = {"rotate": 0, "eval_tta": False, "top_convs": 2, "skip": "concat"}  # fields added
-    saved = {**older, **state["cfg"]}  # later: an older run keeps what it trained with
+    older = {"rotate": 0, "eval_tta": False, "top_convs": 2, "skip": "concat", "direction":
+             "both", "pretrain_mix": True, "mask_shape": "box"}  # fields added
+    fields = {f.name for f in dataclasses.fields(Config)}  # (and drops fields since removed)
+    saved = {k: v for k, v in {**older, **state["cfg"]}.items() if k in fields}
     fixed = sorted(k for k, v in given.items() if k not in RUNTIME and v != saved.get(k))
     if fixed:
         raise UserError(f"--{fixed[0].replace('_', '-')}: fixed by the checkpoint's run; only "
@@ -595,7 +409,6 @@ def check_config(cfg):
     """Refuse impossible values before any work starts, naming the flag."""
     step = 4 if cfg.method == "bcp" else 2
     bad = [msg for ok, msg in [
-        (0 < cfg.beta < 1, f"--beta {cfg.beta}: must be in (0, 1)"),
         (len(cfg.patch) in (2, 3) and all(p > 0 and p % 16 == 0 for p in cfg.patch),
          f"--patch {' '.join(map(str, cfg.patch))}: each side must be a positive multiple of "
          "16 (the U-Net halves it 4 times), e.g. --patch 64 64 48"),
@@ -603,19 +416,20 @@ def check_config(cfg):
          f"{cfg.batch_size}: must be a positive multiple of {step} (half labeled, half "
          "unlabeled, each half split into the a and b of a mix)"),
         (len(cfg.eval_stride) == 3 or len(cfg.patch) == 2, "--eval-stride: X Y Z"),
-        (cfg.alpha >= 0 and 0 <= cfg.ema_decay <= 1 and 0 <= cfg.dropout < 1 and cfg.lr > 0
-         and min(cfg.labeled, cfg.width, cfg.lr_step, *cfg.eval_stride) >= 1 and min(
-            cfg.pretrain_iters, cfg.selftrain_iters) >= 0, "--alpha >= 0, --ema-decay in [0, 1]"
-         ", --dropout in [0, 1); --lr, --labeled, --width, --lr-step, --eval-stride > 0; "
-         "iterations >= 0"),
+        (0 < cfg.beta < 1 and cfg.alpha >= 0 and 0 <= cfg.ema_decay <= 1 and 0 <= cfg.dropout < 1
+         and cfg.lr > 0 and min(cfg.labeled, cfg.width, cfg.lr_step, *cfg.eval_stride) >= 1 and
+         min(cfg.pretrain_iters, cfg.selftrain_iters) >= 0, "--beta in (0, 1), --alpha >= 0, "
+         "--ema-decay in [0, 1], --dropout in [0, 1); --lr, --labeled, --width, --lr-step, "
+         "--eval-stride > 0; iterations >= 0"),
         (min(cfg.log_every, cfg.ckpt_every) >= 1 and cfg.ckpt_every % cfg.log_every == 0,
          f"--ckpt-every {cfg.ckpt_every}: a multiple of --log-every {cfg.log_every}"),
         (len(cfg.class_names) in (0, cfg.num_classes - 1), f"--class-names: one name per "
          f"foreground class, {cfg.num_classes - 1} for --num-classes {cfg.num_classes}"),
         (len(cfg.window) == 2 and cfg.window[0] < cfg.window[1], "--window LOW HIGH, LOW < HIGH"),
         (0 <= cfg.rotate <= 180, f"--rotate {cfg.rotate}: degrees in [0, 180]"),
-        (cfg.top_convs in (1, 2), f"--top-convs {cfg.top_convs}: 1 or 2"),
-        (cfg.skip in ("concat", "add"), f"--skip {cfg.skip}: concat or add"),
+        *[(getattr(cfg, f.name) in f.metadata["choices"], f"--{f.name.replace('_', '-')} "
+           f"{getattr(cfg, f.name)}: one of {f.metadata['choices']}")
+          for f in dataclasses.fields(cfg) if f.metadata["choices"]],
         (not cfg.spacing or (len(cfg.spacing) == len(cfg.patch) == 3 and min(cfg.spacing) > 0),
          "--spacing X Y Z (mm, > 0), for 3-D data only")] if not ok]
     if bad:
@@ -641,10 +455,8 @@ PRECISION = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # amp
 
 def amp_dtype(mode, device):
     """-> the autocast dtype of --amp `mode` on `device`; None: fp32. CUDA: bf16 at compute
-    capability >= 8.0, else fp16 (a T4 reports bf16 but emulates it, slowly). CPU, "auto": bf16
-    where it measured faster (docs/choices.md): with AMX (1.5x per step), or AVX512-BF16 on an
-    AMD CPU (1.7x); fp32 elsewhere: on Intel's AVX512-BF16 without AMX bf16 was 1.1-1.2x slower;
-    without either, bf16 is emulated (~80x slower)."""
+    capability >= 8.0, else fp16 (a T4 emulates bf16). CPU, "auto": bf16 where it measured
+    faster (docs/choices.md): AMX (1.5x a step) or AMD's AVX512-BF16 (1.7x); else fp32."""
     amx, avx512_bf16 = [getattr(torch.cpu, f, lambda: False)() for f in (
         "_is_amx_tile_supported", "_is_avx512_bf16_supported")]
     if mode == "auto" and device.type == "cpu":
@@ -667,27 +479,6 @@ def amp_setup(mode, device):
 def stage_lr(cfg, stage, it):
     """lr of iteration `it` (from 1): x0.1 every lr_step self-training iterations (official)."""
     return cfg.lr * (0.1 ** ((it - 1) // cfg.lr_step) if stage == "selftrain" else 1)
-
-def save_checkpoint(path, state):
-    """Atomic: a temporary file in the same folder, flushed to disk, then renamed."""
-    with open(f"{path}.tmp", "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f"{path}.tmp", path)
-
-def load_checkpoint(path, hint="give a checkpoint file of a run folder"):
-    if not Path(path).is_file():
-        raise UserError(f"{path}: no checkpoint there; {hint}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:99]})"
-                        "; it is truncated or foreign: use ckpt_last.pt, pretrain.pt or final.pt"
-                        " of a run folder") from None
-    if not isinstance(state, dict) or state.get("format") != "bcp_minimal/1":
-        raise UserError(f"{path}: not a bcp_minimal checkpoint (no 'format': 'bcp_minimal/1')")
-    return state
 
 @dataclasses.dataclass
 class Run:
@@ -726,29 +517,14 @@ def dist_setup(cfg):
     return int(os.environ.get("RANK", 0)), world
 
 def make_model(cfg, device="cpu"):
-    """The U-Net a config describes (classes, width, 2-D/3-D from the patch, dropout, top level,
-    skips)."""
+    """The U-Net a config describes (2-D or 3-D from the patch)."""
     dims = len(cfg.patch)
     return UNet(1, cfg.num_classes, cfg.width, dims, cfg.dropout, cfg.top_convs, cfg.skip).to(
-        device, memory_format=MEMORY_FORMAT[dims])
+        device, memory_format=gd.MEMORY_FORMAT[dims])
 
-def compiled(model, cfg):
-    """The module itself, compiled in place when cfg.compile (its state_dict keys unchanged)."""
-    if not cfg.compile:
-        return model
-    if next(model.parameters()).device.type == "cpu":
-        try:  # inductor builds C++ on a CPU: say so now, not at the first step
-            from torch._inductor.cpp_builder import get_cpp_compiler
-            get_cpp_compiler()
-        except Exception as e:
-            raise UserError(f"--compile: no C++ compiler for torch.compile here ({str(e)[:80]}"
-                            "); install one (e.g. g++) or leave --compile off") from None
-    model.compile()  # one graph per input shape and train/eval mode, built at its first call
-    return model
-
-def teacher_of(student, cfg):
-    """theta_t <- theta_s: a frozen copy, compiled anew with --compile (a copy runs eager)."""
-    return compiled(copy.deepcopy(student).requires_grad_(False), cfg)
+def teacher_of(student):
+    """theta_t <- theta_s: a frozen copy of the student."""
+    return copy.deepcopy(student).requires_grad_(False)
 
 def make_run(cfg):
     """The data, model and random stream of cfg (train and benchmark.py use it)."""
@@ -756,25 +532,13 @@ def make_run(cfg):
     (rank, world), device = dist_setup(cfg), pick_device(cfg.device)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     g = torch.Generator().manual_seed(cfg.seed + rank)  # its own crops and masks per process
-    acdc = is_acdc(cfg.root)
-    split = "train_slices" if acdc else "train"
-    cases = read_list(cfg.root, split, cfg.num_classes)
-    n, k = len(set(c.split("_")[0] for c in cases)) if acdc else len(cases), cfg.labeled
-    if k >= n + (cfg.method == "sup"):
-        unit = "patients" if acdc else "cases"
-        raise UserError(f"--labeled {k}: {cfg.root} has {n} training {unit} and BCP needs "
-                        f"unlabeled ones; use --labeled {n - 1} or fewer")
-    k = patients_to_slices(cases, k) if acdc else k
-    _, images, labels = load_split(cfg.root, split, cfg.num_classes, labeled=k)  # labels[k:]: None
-    if acdc:  # 2-D slices of many sizes, resized to the patch once (official: every draw)
-        images = [resize(torch.from_numpy(im), cfg.patch).numpy() for im in images]
-        labels = [resize(torch.from_numpy(lb), cfg.patch).byte().numpy() for lb in labels[:k]]
-    model = compiled(make_model(cfg, device), cfg)
+    images, labels, unlabeled = gd.load_training(cfg.root, cfg.labeled, cfg.num_classes,
+                                                 cfg.patch, need_unlabeled=cfg.method == "bcp")
     autocast, scaler = amp_setup(cfg.amp, device)
-    sampler = lambda ims, lbs: VolumeSampler(ims, lbs, cfg.patch, device, g,  # noqa: E731
+    sampler = lambda ims, lbs: gd.VolumeSampler(ims, lbs, cfg.patch, device, g,  # noqa: E731
                                              rotate=cfg.rotate)
-    return Run(cfg, model, sampler(images[:k], labels[:k]), sampler(images[k:], None), g, None,
-               None, scaler, autocast, rank, world)
+    return Run(cfg, make_model(cfg, device), sampler(images, labels), sampler(unlabeled, None),
+               g, None, None, scaler, autocast, rank, world)
 
 LOG_FIELDS = ["stage", "iter", "lr", "loss", "loss_in", "loss_out", "seconds"]
 
@@ -791,9 +555,9 @@ def train(cfg, state=None, progress=True, on_log=None):
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     torch.backends.cudnn.benchmark = True
     device = next(run.model.parameters()).device
-    if lead:  # what --amp auto chose, and the threads a CPU run uses
-        print(f"{cfg.method} on {device}" + (f", {torch.get_num_threads()} threads" if
-              device.type == "cpu" else "") + f", {PRECISION[amp_dtype(cfg.amp, device)]} "
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    if lead:  # what --amp auto chose
+        print(f"{cfg.method} on {device}{threads}, {PRECISION[amp_dtype(cfg.amp, device)]} "
               f"(--amp {cfg.amp})")
     stages = [("pretrain", cfg.pretrain_iters), ("selftrain", cfg.selftrain_iters)]
     names, done, rows = [s for s, _ in stages], (stages[0][0], 0), []
@@ -814,11 +578,11 @@ def train(cfg, state=None, progress=True, on_log=None):
             csv.DictWriter(f, LOG_FIELDS).writerows([dict(zip(LOG_FIELDS, LOG_FIELDS))] + rows)
         os.replace(out / "log.csv.tmp", out / "log.csv")
     log = open(out / "log.csv" if lead else os.devnull, "a", newline="")
-    ckpt, save = out / "ckpt_last.pt", lambda path, st: lead and save_checkpoint(path, st)
+    ckpt, save = out / "ckpt_last.pt", lambda path, st: lead and gd.save_checkpoint(path, st)
     for stage, iters in stages[names.index(done[0]):]:
         resumed = state is not None and stage == done[0]
         if stage == "selftrain" and cfg.method == "bcp":
-            run.teacher = teacher_of(run.model, cfg)  # theta_t <- theta_s
+            run.teacher = teacher_of(run.model)  # theta_t <- theta_s
             if resumed:
                 run.teacher.load_state_dict(state["teacher"])
         run.optimizer = torch.optim.SGD(run.model.parameters(), cfg.lr, momentum=0.9,
@@ -862,10 +626,10 @@ def train(cfg, state=None, progress=True, on_log=None):
 
 def resume_run(out, given=None):
     """-> (cfg, checkpoint) of the run in `out`, the RUNTIME flags of `given` on top."""
-    state = load_checkpoint(Path(out) / "ckpt_last.pt", "--resume: start without --resume")
+    state = gd.load_checkpoint(Path(out) / "ckpt_last.pt", "--resume: start without --resume")
     return config_from_checkpoint(state, {**(given or {}), "out": str(out)}), state
 
-# 8. Evaluation: sliding windows over whole volumes, and the paper's four metrics ------------
+# 7. Evaluation: sliding windows over whole volumes, and the paper's four metrics ------------
 
 def window_starts(size, patch, stride):
     """Starts of ceil((size - patch) / stride) + 1 windows, the last at the border (official)."""
@@ -892,10 +656,8 @@ def sliding_window_predict(model, image, patch, stride, batch=4):
 
 class Averaged(nn.Module):
     """Test-time ensembles as one model: the mean softmax of `models`, each over the 4 mirror
-    images of its input in x and y if `mirror` (flip the window, predict, flip back: nnU-Net's
-    test-time augmentation, restricted to the flips training draws). Returns log(mean p): its
-    softmax is the mean p and its argmax that of the mean, so the sliding window and the 2-D
-    path take it as they take a model's logits."""
+    images of its input in x and y if `mirror` (nnU-Net's test-time augmentation, TTA). Returns
+    log(mean p), which every caller takes as it takes a model's logits."""
 
     def __init__(self, models, mirror=False):
         super().__init__()
@@ -909,9 +671,8 @@ class Averaged(nn.Module):
         return torch.stack(p).mean(0).log()
 
 def scored_model(cfg, state, device):
-    """-> (the model --eval / --predict use, its name): cfg.eval_model's weights of checkpoint
-    `state` (the student where it has no teacher: pre-training, supervised), mirrored if
-    cfg.eval_tta."""
+    """-> (the model --eval / --predict use, its name): cfg.eval_model's weights of `state`
+    (the student where it has no teacher: pre-training, sup), mirrored if cfg.eval_tta."""
     keys = {"student": ["model"], "teacher": ["teacher"], "ensemble": ["model", "teacher"]}[
         cfg.eval_model] if state["teacher"] else ["model"]
     models = [make_model(cfg, device) for _ in keys]
@@ -971,24 +732,24 @@ def predict_volume(model, image, cfg, size=None):
             prob = F.interpolate(prob[None], tuple(size), mode="trilinear")[0]
         return prob.argmax(0)
     dev = next(model.parameters()).device
-    return torch.stack([resize(model(resize(sl.to(dev), cfg.patch)[None, None]).argmax(1)[0],
+    return torch.stack([gd.resize(model(gd.resize(sl.to(dev), cfg.patch)[None, None]).argmax(1)[0],
                                sl.shape).long() for sl in image])  # (slices, H, W)
 
-def evaluate(model, cfg, split=None, out=None, progress=True):
-    """Score `model` on `<split>.list` (default cfg.eval_split), write out/metrics.json. Per
+def evaluate(model, cfg, split=None, progress=True):
+    """Score `model` on `<split>.list` (default cfg.eval_split) -> metrics (as metrics.json). Per
     case and foreground class: the prediction (predict_volume), its largest component
     (official LA post-processing, cfg.eval_lcc), then Dice, Jaccard, 95HD, ASD in voxels.
     Several classes (ACDC): the top-level numbers are the means over the classes."""
     from tqdm.auto import tqdm
-    cases, images, labels = load_split(cfg.root, split or cfg.eval_split, cfg.num_classes)
+    cases, images, labels = gd.load_split(cfg.root, split or cfg.eval_split, cfg.num_classes)
     model.eval()
-    names, keys, rows = class_names(cfg), (
-        "dice", "jaccard", "hd95", "asd"), []
+    names, keys, rows = class_names(cfg), ("dice", "jaccard", "hd95", "asd"), []
     for case, image, gt in tqdm(list(zip(cases, images, labels)), "eval", disable=not progress):
         pred = predict_volume(model, torch.from_numpy(image), cfg)[None]  # (1, *S)
+        pred = (largest_per_class(pred, cfg.num_classes) if cfg.eval_lcc else pred)[0].cpu()
         per = {}
         for k, name in enumerate(names, 1):
-            p = (largest_component(pred == k) if cfg.eval_lcc else pred == k)[0].cpu().numpy()
+            p = (pred == k).numpy()
             h95, mean_sd = surface_metrics(p, gt == k)
             per[name] = dict(dice=dice(p, gt == k), jaccard=jaccard(p, gt == k), hd95=h95,
                              asd=mean_sd)
@@ -998,74 +759,41 @@ def evaluate(model, cfg, split=None, out=None, progress=True):
     if len(names) > 1:
         metrics["classes"] = {c: {m: float(np.mean([r["classes"][c][m] for r in rows]))
                                   for m in keys} for c in names}
-    metrics["cases"] = rows
-    if out is not None:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    return {**metrics, "cases": rows}
 
-# 9. Segmenting new scans: NIfTI or h5 in, NIfTI masks and volumes in mL out ----------------
-
-def read_scan(path, cfg):
-    """-> (image float32 as training reads its cases, affine, header or None, voxel mm3 or
-    None, the input's shape). A NIfTI scan is raw: normalised by the run's cfg.norm (the
-    function get_data.py made the cases with) and resampled to cfg.spacing if set. An h5 scan
-    is a case already prepared (as the LA and ACDC files): read as stored."""
-    if path.suffix == ".h5":
-        import h5py
-        with h5py.File(path, "r") as f:
-            image, affine, header = np.asarray(f["image"][()], np.float32), np.eye(4), None
-            voxel = float(np.prod(f.attrs["spacing"])) if "spacing" in f.attrs else None
-    else:
-        import nibabel as nib
-        nii = nib.load(str(path))
-        image, affine, header = np.asarray(nii.get_fdata(), np.float32), nii.affine, nii.header
-        voxel = float(np.prod(nii.header.get_zooms()[:3]))
-    if image.ndim != 3:
-        raise ValueError(f"a {image.ndim}-D image; give one 3-D scan per file")
-    if not np.isfinite(image).all():
-        raise ValueError("the image holds NaN or inf values")
-    shape = image.shape
-    if header is not None:
-        image = normalize(image, cfg.norm, cfg.window)
-        if cfg.spacing:  # mm per voxel of the scan / of the cases
-            image = resample(image, np.array(header.get_zooms()[:3]) / cfg.spacing)
-    return image, affine, header, voxel, shape
+# 8. Segmenting new scans: NIfTI or h5 in, NIfTI masks and volumes in mL out ----------------
 
 def predict(model, cfg, source, out, rank=0, world=1, progress=True):
     """Segment every .nii/.nii.gz/.h5 scan in `source` (a file or a folder) into
     out/<name>.nii.gz (the input's shape, affine and header; h5: identity affine) and
-    out/volumes.csv. As --eval: the same prediction (padded where smaller than the patch) and
-    largest component. A bad scan (unreadable, not 3-D, NaN) is named in one line and skipped;
-    a scan whose mask exists is skipped. Ranks share the scans.
-    -> the names of the scans that failed."""
-    import nibabel as nib
+    out/volumes.csv. Reading and writing are the data side's (gd.read_scan: a NIfTI scan
+    normalised and resampled as the run's cases were); the prediction is --eval's (padded where
+    smaller than the patch; 2-D models slice by slice along the slice axis) with its largest
+    component. A bad scan is named in one line and skipped; a scan whose mask exists is
+    skipped. Ranks share the scans. -> the names of the scans that failed."""
     from tqdm.auto import tqdm
-    src, out = Path(source), Path(out)
-    scans = sorted(p for p in (src.iterdir() if src.is_dir() else [src])
-                   if p.name.endswith((".nii", ".nii.gz", ".h5")))[rank::world]
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     failed, rows, names = [], [], class_names(cfg)
-    for path in tqdm(scans, "predict", disable=not progress):
-        name = path.name.split(".")[0]
-        name = name[:-5] if name.endswith("_0000") else name  # nnU-Net's channel 0: the case
+    for path, name in tqdm(gd.find_scans(source)[rank::world], "predict", disable=not progress):
         if (out / f"{name}.nii.gz").is_file():
             continue
         try:
-            image, affine, header, voxel, shape = read_scan(path, cfg)
-            x = torch.from_numpy(image if len(cfg.patch) == 3 else image.transpose(2, 0, 1))
+            image, affine, header, voxel, shape = gd.read_scan(path, cfg.norm, cfg.window,
+                                                               cfg.spacing)
+            # 2-D models: NIfTI is (H, W, slices), h5 (ACDC) already (slices, H, W) as --eval
+            to_slices = len(cfg.patch) == 2 and header is not None
+            x = torch.from_numpy(image.transpose(2, 0, 1) if to_slices else image)
             lab = predict_volume(model, x, cfg, shape if len(cfg.patch) == 3 else None)[None]
             lab = largest_per_class(lab, cfg.num_classes) if cfg.eval_lcc else lab
             lab = lab[0].cpu().numpy().astype(np.uint8)
-            lab = lab if len(cfg.patch) == 3 else lab.transpose(1, 2, 0)  # back to (H, W, slices)
+            lab = lab.transpose(1, 2, 0) if to_slices else lab  # back to (H, W, slices)
         except Exception as e:
             print(f"error: {path}: {e}; skipped", file=sys.stderr)
             failed.append(path.name)
             continue
-        mask = nib.Nifti1Image(lab, affine, header)
-        mask.set_data_dtype(np.uint8)  # the input's header, but integer labels
-        nib.save(mask, str(out / f"{name}.nii.gz"))
+        gd.write_mask(out / f"{name}.nii.gz", lab, affine, header)
         for k, cname in enumerate(names, 1):
             n = int((lab == k).sum())
             rows.append([name, cname, n, "" if voxel is None else round(n * voxel / 1000, 3)])
@@ -1073,29 +801,27 @@ def predict(model, cfg, source, out, rank=0, world=1, progress=True):
         every = [None] * world
         torch.distributed.all_gather_object(every, (rows, failed))
         rows, failed = [r for e in every for r in e[0]], [f for e in every for f in e[1]]
-    new = not (out / "volumes.csv").is_file()
-    with open(out / "volumes.csv" if rank == 0 else os.devnull, "a", newline="") as f:
-        csv.writer(f).writerows(([["case", "class", "voxels", "ml"]] if new else []) + rows)
-    return failed  # (ml: empty where the spacing is unknown)
+    if rank == 0:
+        gd.add_volumes(out / "volumes.csv", rows)
+    return failed
 
-# 10. Command line: every Config field is a flag, --data picks the preset of the defaults -----
+# 9. Command line: every Config field is a flag, --data picks the preset of the defaults -----
 
 def _bool(s):
     if s.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
         raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
     return s.lower() in ("1", "true", "yes", "on")
 
-def main(argv=None):
-    first = argparse.ArgumentParser(add_help=False)  # --data first: it sets the defaults shown
+def cli(argv):
+    """Train (then score the final model), --resume, --eval or --predict -> exit status. --data
+    is read first: it sets the defaults --help shows; a folder made by get_data.py names its
+    preset, so --root OUT alone picks it."""
+    first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--data", choices=list(PRESETS))
     first.add_argument("--root")
     known = first.parse_known_args(argv)[0]
-    try:  # a folder made by get_data.py names its preset: --root OUT alone picks it
-        data = known.data or (known.root and dataset_defaults(known.root)[0]) or "sample"
-        base = make_config(data, **({"root": known.root} if known.root else {}))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    data = known.data or (known.root and gd.dataset_defaults(known.root)[0]) or "sample"
+    base = make_config(data, **({"root": known.root} if known.root else {}))
     p = argparse.ArgumentParser(description="Bidirectional Copy-Paste (BCP, CVPR 2023): semi-"
                                 "supervised segmentation of 3-D volumes (LA) and 2-D slices (ACDC)."
                                 f" Defaults: --data {data}'s (`--data NAME --help`: another's).")
@@ -1114,56 +840,57 @@ def main(argv=None):
     args = p.parse_args(argv)
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()
              if k not in ("data", "resume", "eval", "predict", "ckpt") and v is not None}
+    cfg, state, extra = make_config(data, **given), None, {}
+    if args.eval or args.predict:  # writes beside the checkpoint, never over the run's own
+        if args.predict and not args.ckpt:
+            raise UserError("--predict needs --ckpt CKPT (a checkpoint of a training run)")
+        ckpt, kind = args.eval or args.ckpt, "predict" if args.predict else "eval"
+        state = gd.load_checkpoint(ckpt)
+        cfg = config_from_checkpoint(state, {
+            "out": str(Path(ckpt).parent / f"{kind}_{Path(ckpt).stem}"), **given})
+    else:
+        if args.resume:
+            cfg, state = resume_run(cfg.out, given)
+        check_config(cfg)  # the flags first, then the data (the eval list: now, not later)
+        if not (args.resume or cfg.data == "sample" or "root" in given or Path(cfg.root).is_dir()):
+            if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # not N downloads into one folder
+                raise UserError(f"{cfg.root} is missing; under torchrun fetch it first, once: "
+                                f"`python get_data.py {cfg.data} --root {cfg.root}`")
+            gd.prepare(cfg.data, cfg.root)  # the preset's default folder is missing: fetch it
+        if cfg.eval_split != "none":
+            gd.read_list(cfg.root, cfg.eval_split, cfg.num_classes)
+        t0 = time.time()
+        if train(cfg, state).rank:
+            return 0  # under torchrun the first process evaluates
+        extra = {"train_seconds": round(time.time() - t0, 1)}
+        state = gd.load_checkpoint(Path(cfg.out) / "final.pt")  # scored as --eval scores it
+    if not args.predict and cfg.eval_split == "none":  # a folder without held-out labels
+        if args.eval:
+            raise UserError("--eval: give --eval-split NAME (a list of labeled cases)")
+        (Path(cfg.out) / "metrics.json").write_text(json.dumps(extra, indent=2))
+        print(f"trained into {cfg.out} (--eval-split none: not scored; --predict scans)")
+        return 0
+    rank, world = dist_setup(cfg) if args.predict else (0, 1)  # torchrun: share scans
+    model, use = scored_model(cfg, state, pick_device(cfg.device))
+    if args.predict:
+        failed = predict(model, cfg, args.predict, cfg.out, rank, world)
+        if rank == 0:
+            print(f"masks and volumes.csv in {cfg.out}; {len(failed)} scans failed")
+        return 1 if failed else 0
+    m = {**evaluate(model, cfg), **extra, "scored": use}  # + time, which weights
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out) / "metrics.json").write_text(json.dumps(m, indent=2))
+    print(f"{cfg.method} ({use}) on {cfg.root}, {len(m['cases'])} {cfg.eval_split} cases: Dice "
+          f"{m['dice']:.4f}  Jaccard {m['jaccard']:.4f}  95HD {m['hd95']:.2f}  ASD "
+          f"{m['asd']:.2f}  -> {Path(cfg.out) / 'metrics.json'}")
+    return 0
+
+def main(argv=None):
     try:
-        cfg, state, extra = make_config(data, **given), None, {}
-        if args.eval or args.predict:  # writes beside the checkpoint, never over the run's own
-            if args.predict and not args.ckpt:
-                raise UserError("--predict needs --ckpt CKPT (a checkpoint of a training run)")
-            ckpt, kind = args.eval or args.ckpt, "predict" if args.predict else "eval"
-            state = load_checkpoint(ckpt)
-            cfg = config_from_checkpoint(state, {
-                "out": str(Path(ckpt).parent / f"{kind}_{Path(ckpt).stem}"), **given})
-        else:
-            if args.resume:
-                cfg, state = resume_run(cfg.out, given)
-            check_config(cfg)  # the flags first, then the data (the eval list: now, not later)
-            if not args.resume and cfg.data != "sample" and "root" not in given and not Path(
-                    cfg.root).is_dir():
-                if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # not N downloads into one folder
-                    raise UserError(f"{cfg.root} is missing; under torchrun fetch it first, once:"
-                                    f" `python get_data.py {cfg.data} --root {cfg.root}`")
-                import get_data  # the default root is missing: fetch it (helper beside us)
-                get_data.prepare(cfg.data, cfg.root)
-            if cfg.eval_split != "none":
-                read_list(cfg.root, cfg.eval_split, cfg.num_classes)
-            t0 = time.time()
-            if train(cfg, state).rank:
-                return 0  # under torchrun the first process evaluates
-            extra = {"train_seconds": round(time.time() - t0, 1)}
-            state = load_checkpoint(Path(cfg.out) / "final.pt")  # scored as --eval scores it
-        if not args.predict and cfg.eval_split == "none":  # a folder without held-out labels
-            if args.eval:
-                raise UserError("--eval: give --eval-split NAME (a list of labeled cases)")
-            (Path(cfg.out) / "metrics.json").write_text(json.dumps(extra, indent=2))
-            print(f"trained into {cfg.out} (--eval-split none: not scored; --predict scans)")
-            return 0
-        rank, world = dist_setup(cfg) if args.predict else (0, 1)  # torchrun: share scans
-        model, use = scored_model(cfg, state, pick_device(cfg.device))
-        if args.predict:
-            failed = predict(model, cfg, args.predict, cfg.out, rank, world)
-            if rank == 0:
-                print(f"masks and volumes.csv in {cfg.out}; {len(failed)} scans failed")
-            return 1 if failed else 0
-        metrics = {**evaluate(model, cfg), **extra, "scored": use}  # + time, which weights
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    except UserError as e:
+        return cli(argv)
+    except UserError as e:  # bad input: one line naming the file or flag and the fix
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{cfg.method} ({use}) on {cfg.root}, {len(metrics['cases'])} {cfg.eval_split} cases: "
-          f"Dice {metrics['dice']:.4f}  Jaccard {metrics['jaccard']:.4f}  95HD "
-          f"{metrics['hd95']:.2f}  ASD {metrics['asd']:.2f}  -> {Path(cfg.out) / 'metrics.json'}")
-    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

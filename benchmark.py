@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import dataclasses
 import json
 import math
 import os
@@ -62,6 +61,7 @@ import numpy as np
 import torch
 
 import bcp_minimal as bm
+import get_data as gd
 
 
 def sync(device):
@@ -86,23 +86,23 @@ def make_run(cfg, device, root=None):
     """A bm.Run on real data (root, first cfg.labeled cases labeled) or on synthetic volumes."""
     g = torch.Generator().manual_seed(0)
     if root:
-        _, images, labels = bm.load_split(root, "train", labeled=cfg.labeled)
+        _, images, labels = gd.load_split(root, "train", labeled=cfg.labeled)
     else:
         shape = tuple(s + 16 for s in cfg.patch)
         images = [np.random.default_rng(i).normal(size=shape).astype(np.float32) for i in range(12)]
         labels = [(np.abs(im) > 1.5).astype(np.uint8) for im in images]
     k = cfg.labeled
-    model = bm.compiled(bm.make_model(cfg, device), cfg)  # as bm.make_run (--compile)
+    model = bm.make_model(cfg, device)  # as bm.make_run
     autocast, scaler = bm.amp_setup(cfg.amp, device)
-    return bm.Run(cfg, model, bm.VolumeSampler(images[:k], labels[:k], cfg.patch, device, g),
-                  bm.VolumeSampler(images[k:], None, cfg.patch, device, g), g,
+    return bm.Run(cfg, model, gd.VolumeSampler(images[:k], labels[:k], cfg.patch, device, g),
+                  gd.VolumeSampler(images[k:], None, cfg.patch, device, g), g,
                   scaler=scaler, autocast=autocast)
 
 
 def start_stage(run):
     """As a stage starts: a new SGD optimizer and a teacher copied from the student."""
     run.optimizer = torch.optim.SGD(run.model.parameters(), run.cfg.lr, momentum=0.9)
-    run.teacher = bm.teacher_of(run.model, run.cfg)
+    run.teacher = bm.teacher_of(run.model)
 
 
 def bench_steps(run, device, iters, warmup):
@@ -116,7 +116,7 @@ def bench_steps(run, device, iters, warmup):
 
 def bench_networks(a):
     """The real step with each network in turn (U-Net --top-convs 2, then 1, then 1 with --skip
-    add; with --compile each also under torch.compile; with --official, the official V-Net,
+    add; with --official, the official V-Net,
     dropout as in its LA script):
     --warmup steps each (where compiling happens), then --iters rounds of one step each. Per
     stage: median s/it and the median over rounds of each network's time over the first one's,
@@ -127,18 +127,16 @@ def bench_networks(a):
                          "its S/16 bottleneck by 3); e.g. --patch 64 64 48")
     runs = {}
     for k, skip in ((2, "concat"), (1, "concat"), (1, "add")):
-        for c in (False, True)[:1 + a.compile]:
-            cfg = bm.make_config("LA", patch=tuple(a.patch), batch_size=a.batch_size,
-                                 width=a.width, top_convs=k, skip=skip, compile=c,
-                                 amp=a.amp, device=str(device))
-            name = f"U-Net, --top-convs {k}" + " --skip add" * (skip == "add")
-            runs[name + ", --compile" * c] = make_run(cfg, device, a.root)
+        cfg = bm.make_config("LA", patch=tuple(a.patch), batch_size=a.batch_size,
+                             width=a.width, top_convs=k, skip=skip, amp=a.amp, device=str(device))
+        name = f"U-Net, --top-convs {k}" + " --skip add" * (skip == "add")
+        runs[name] = make_run(cfg, device, a.root)
     if a.official:
         sys.path.insert(0, str(Path(a.official) / "code"))
         from networks.VNet import VNet
 
         run = runs["official V-Net in this step"] = make_run(
-            dataclasses.replace(cfg, compile=False), device, a.root)
+            cfg, device, a.root)
         run.model = _Logits(VNet(n_channels=1, n_classes=2, normalization="batchnorm",
                                  has_dropout=True)).to(device)
     print(f"{a.patch}, batch {a.batch_size}, width {a.width}, --amp {a.amp}, "
@@ -198,7 +196,7 @@ def bench_parts(run, device, iters, warmup):
 
 def bench_eval(root, patch, stride, width, device):
     """Sliding-window seconds for the first test case: 4 windows a batch vs one at a time."""
-    _, images, _ = bm.load_split(root, "test")
+    _, images, _ = gd.load_split(root, "test")
     model = bm.UNet(1, 2, width).to(device).eval()
     x = torch.from_numpy(images[0])[None]
     return {"shape": list(images[0].shape), **{f"batch {n}": timed(
@@ -210,7 +208,7 @@ def bench_metrics(root, repeats=3):
     """hd95 + asd of bcp_minimal vs medpy on a real label (prediction = label shifted 2)."""
     from medpy.metric import binary
 
-    gt = bm.load_split(root, "test")[2][0].astype(bool)
+    gt = gd.load_split(root, "test")[2][0].astype(bool)
     pred = np.roll(gt, 2, axis=0)
     cpu = torch.device("cpu")
     ours = bm.surface_metrics(pred, gt)
@@ -359,7 +357,7 @@ def side_by_side_acdc(a):
                      net, [steady(s) for s in official_stamps(code / "log.txt")]))
     out = work / "bcp_minimal"
     flags = ["--data", "ACDC_cpu", "--root", str(root), "--seed", str(a.seed), "--device", "cpu",
-             "--amp", a.amp, *network_flags(a), "--compile", str(a.compile), "--eval-split",
+             "--amp", a.amp, *network_flags(a), "--eval-split",
              "none", "--log-every", "1",  # scored below; a stamp per step
              "--pretrain-iters", str(cfg.pretrain_iters), "--selftrain-iters",
              str(cfg.selftrain_iters), "--out", str(out)]
@@ -447,7 +445,7 @@ def curve(a):
                          amp=a.amp, out=str(out), log_every=math.gcd(20, a.every), **over)
     snaps, state, spent = out / "snapshots", None, 0.0  # log_every: a log line every --every
     if not (out / "final.pt").exists() and (out / "ckpt_last.pt").exists():
-        state = bm.load_checkpoint(out / "ckpt_last.pt")  # a killed curve run goes on from its
+        state = gd.load_checkpoint(out / "ckpt_last.pt")  # a killed curve run goes on from its
         spent = next(float(r["seconds"]) for r in csv.DictReader(open(out / "log.csv"))  # last
                      if (r["stage"], int(r["iter"])) == (state["stage"], state["iter"]))  # ckpt
 
@@ -525,8 +523,8 @@ def split_root(src, dst, n_val):
     src's test.list (neither program ever reads val.list or test.list while training)."""
     src, dst = Path(src).resolve(), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    if not (dst / bm.CASES_DIR).exists():
-        (dst / bm.CASES_DIR).symlink_to(src / bm.CASES_DIR)
+    if not (dst / gd.CASES_DIR).exists():
+        (dst / gd.CASES_DIR).symlink_to(src / gd.CASES_DIR)
     train = (src / "train.list").read_text().split()
     (dst / "train.list").write_text("\n".join(train[:-n_val]) + "\n")
     (dst / "val.list").write_text("\n".join(train[-n_val:]) + "\n")
@@ -637,7 +635,7 @@ def side_by_side(a):
              *map(str, a.patch), "--pretrain-iters", str(a.pretrain_iters), "--selftrain-iters",
              str(a.selftrain_iters), "--eval-stride", *map(str, a.eval_stride), "--seed",
              str(a.seed), "--device", device.type, "--amp", a.amp, *network_flags(a),
-             "--compile", str(a.compile), "--log-every", "1", "--eval-split", "none", "--out",
+             "--log-every", "1", "--eval-split", "none", "--out",
              str(out)]  # a stamp per step
     wall = run_once(out, lambda: subprocess.run(
         [sys.executable, str(Path(__file__).parent / "bcp_minimal.py"), *flags], env=env,
@@ -688,7 +686,7 @@ def finished_run(out, a):
     t_pre = max([float(r["seconds"]) for r in log if r["stage"] == "pretrain"] or [0])
     per_it = [steady([(int(r["iter"]), float(r["seconds"])) for r in log if r["stage"] == s])
               for s in ("pretrain", "selftrain")]
-    final = bm.load_checkpoint(out / "final.pt")
+    final = gd.load_checkpoint(out / "final.pt")
     trained = bm.config_from_checkpoint(final, {})
     a.amp, a.top_convs, a.skip = trained.amp, trained.top_convs, trained.skip
     return final, trained, t_pre, float(log[-1]["seconds"]) - t_pre, per_it
@@ -715,8 +713,6 @@ def main(argv=None):
                    "full-resolution U-Net block (bcp_minimal --top-convs; default: the preset's)")
     p.add_argument("--skip", choices=["concat", "add"], help="how decoder blocks get the "
                    "encoder's features (bcp_minimal --skip; default: the preset's)")
-    p.add_argument("--compile", action="store_true", help="torch.compile bcp_minimal's networks "
-                   "(bcp_minimal --compile); with --networks: each both ways")
     p.add_argument("--networks", action="store_true", help="the step with each network in "
                    "turn: U-Net --top-convs 2, 1, and 1 with --skip add; the official V-Net "
                    "with --official DIR")
@@ -776,12 +772,12 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = True
     cfg = bm.make_config("LA", patch=tuple(a.patch), batch_size=a.batch_size, width=a.width,
                          top_convs=a.top_convs or 2, skip=a.skip or "concat",
-                         compile=a.compile, amp=a.amp, device=str(device))
+                         amp=a.amp, device=str(device))
     res = {"machine": {"device": torch.cuda.get_device_name() if device.type == "cuda"
                        else cpu_info(), "threads": torch.get_num_threads(),
                        "torch": torch.__version__},
            "config": {"patch": a.patch, "batch_size": a.batch_size, "width": a.width,
-                      "top_convs": cfg.top_convs, "skip": cfg.skip, "compile": a.compile,
+                      "top_convs": cfg.top_convs, "skip": cfg.skip,
                       "data": a.root or "synthetic"}}
     run = make_run(cfg, device, a.root)
     res["steps"] = bench_steps(run, device, a.iters, a.warmup)

@@ -12,13 +12,14 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import bcp_minimal as bm  # noqa: E402
+import bcp_minimal as bm
+import get_data as gd  # noqa: E402
 
-state = bm.load_checkpoint(sys.argv[1] if len(sys.argv) > 1 else "runs/sample/final.pt")
+state = gd.load_checkpoint(sys.argv[1] if len(sys.argv) > 1 else "runs/sample/final.pt")
 teacher = bm.UNet(1, 2, state["cfg"]["width"])
 teacher.load_state_dict(state["teacher"] or state["model"])
 teacher.eval()
-cases, images, labels = bm.load_split("data_samples", "train")
+cases, images, labels = gd.load_split("data_samples", "train")
 vol = lambda i: torch.from_numpy(images[i])[None, None]  # noqa: E731
 z = int(np.nonzero(labels[0])[2].mean())
 with torch.no_grad():  # the unlabeled case whose pseudo-label shows most at this slice

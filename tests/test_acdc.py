@@ -1,5 +1,4 @@
 """ACDC: 2-D slices, four classes, the SSL4MIS layout (nested and flat), per-class metrics."""
-import json
 import shutil
 
 import h5py
@@ -11,6 +10,7 @@ from conftest import SHARED_DATA
 from make_samples import make_acdc_samples
 
 import bcp_minimal as bm
+import get_data as gd
 
 
 def make_acdc(root, flat=False, patients=5, slices=3, shape=(40, 36)):
@@ -30,9 +30,8 @@ def test_acdc_trains_and_scores_per_class_in_both_layouts(tmp_path, flat):
     assert len(run.lab.images) == 6 and len(run.unl.images) == 12  # patient 1: 2 frames x 3 slices
     assert run.lab.images[0].shape == (32, 32)  # each slice resized to the patch
     assert run.lab.rotate == run.unl.rotate == cfg.rotate == 20  # official ACDC augmentation
-    m = bm.evaluate(run.model, cfg, out=tmp_path / "run", progress=False)
-    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert set(saved["classes"]) == {"RV", "Myo", "LV"} and len(saved["cases"]) == 2
+    m = bm.evaluate(run.model, cfg, progress=False)
+    assert set(m["classes"]) == {"RV", "Myo", "LV"} and len(m["cases"]) == 2
     for k in ("dice", "jaccard", "hd95", "asd"):  # top level = mean over the three classes
         assert m[k] == pytest.approx(np.mean([m["classes"][c][k] for c in ("RV", "Myo", "LV")]))
 
@@ -54,7 +53,7 @@ def test_slice_wise_prediction_and_per_class_metrics_against_medpy(tmp_path):
     medpy = pytest.importorskip("medpy.metric.binary")
     root = make_acdc(tmp_path / "acdc")
     cfg = bm.make_config("ACDC", root=str(root), patch=(32, 32), eval_split="test")
-    _, images, labels = bm.load_split(root, "test", 4)
+    _, images, labels = gd.load_split(root, "test", 4)
     pred = bm.predict_volume(Oracle(), torch.from_numpy(images[0]), cfg).numpy()
     assert pred.shape == labels[0].shape  # resized to the patch and back, slice by slice
     m = bm.evaluate(Oracle(), cfg, progress=False)
@@ -80,8 +79,8 @@ def test_mask_and_mix_in_2d_by_hand():
 @pytest.mark.skipif(not (SHARED_DATA / "ACDC").is_dir(), reason="real ACDC (../shared/data) not present")
 def test_labeled_patients_to_slices_as_bcp():
     slices = (SHARED_DATA / "ACDC" / "train_slices.list").read_text().split()
-    assert bm.patients_to_slices(slices, 3) == 68 and bm.patients_to_slices(slices, 7) == 136
-    assert bm.patients_to_slices(slices, 70) == 1312
+    assert gd.patients_to_slices(slices, 3) == 68 and gd.patients_to_slices(slices, 7) == 136
+    assert gd.patients_to_slices(slices, 70) == 1312
 
 
 def _run(capsys, *argv):
@@ -159,3 +158,18 @@ def test_2d_predict_reads_h_w_slices_and_writes_the_same_orientation(tmp_path):
     mask = np.asarray(nib.load(str(tmp_path / "out" / "heart.nii.gz")).dataobj)
     assert mask.shape == (40, 24, 5) and mask[..., [0, 1, 2, 4]].sum() == 0
     assert mask[11:29, 7:17, 3].all() and mask[..., 3].sum() <= 20 * 12 + 2 * (20 + 12)
+
+
+def test_predict_on_an_acdc_h5_volume_slices_it_as_eval_does(tmp_path):
+    """--predict on ACDC's own h5 volume (slices, H, W), stored as --eval reads it: the same
+    mask as --eval's prediction, slice by slice along the first axis (not NIfTI's last)."""
+    nib = pytest.importorskip("nibabel")
+    root = make_acdc(tmp_path / "acdc")
+    cfg = bm.make_config("ACDC", root=str(root), patch=(32, 32), eval_split="test")
+    case = (root / "test.list").read_text().split()[0]
+    image = gd.load_case(root, case, 4)[0]
+    assert image.shape[0] != image.shape[2]  # (slices, H, W): an axis mix-up would show
+    want = bm.predict_volume(Oracle(), torch.from_numpy(image), cfg).numpy()
+    assert bm.predict(Oracle(), cfg, gd.case_path(root, case), tmp_path / "out", progress=False) == []
+    got = np.asarray(nib.load(str(tmp_path / "out" / f"{case}.nii.gz")).dataobj)
+    assert got.shape == image.shape and np.array_equal(got, want) and want.any()

@@ -16,6 +16,7 @@ from conftest import ROOT
 
 import bcp_minimal as bm
 import benchmark
+import get_data as gd
 
 
 def test_benchmark_times_the_real_step(tmp_path, monkeypatch):
@@ -56,22 +57,6 @@ def test_networks_times_each_network_in_turn_with_paired_ratios(monkeypatch):
         ("pretrain", [1.0, 1.0], 0.75),  # median(1/1, 1/2)
         ("selftrain", [4.0, 2.0], 1.0), ("selftrain", [2.0, 6.0], 1.75),  # median(2/4, 6/2)
         ("selftrain", [1.0, 1.0], 0.375)]  # median(1/4, 1/2)
-
-
-def test_networks_with_compile_adds_compiled_students_and_teachers(monkeypatch):
-    """--networks --compile: each U-Net both ways (top 2, compiled, top 1, compiled), the
-    compiled ones with student and teacher compiled (torch.compile not run here)."""
-    seen = []
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: setattr(self, "_compiled_call_impl", "c"))
-    monkeypatch.setattr(bm, "train_step", lambda run, stage: seen.append((stage, len(run.model.enc0), [
-        m._compiled_call_impl == "c" for m in (run.model, run.teacher)])))
-    monkeypatch.setattr(benchmark, "timed", lambda fn, *_: (fn(), 1.0)[1])
-    res = benchmark.main(["--networks", "--compile", "--patch", "16", "16", "16", "--width", "2", "--iters", "1",
-                          "--warmup", "0", "--device", "cpu"])
-    assert [r["network"] for r in res[:4]] == ["U-Net, --top-convs 2", "U-Net, --top-convs 2, --compile",
-                                               "U-Net, --top-convs 1", "U-Net, --top-convs 1, --compile"]
-    assert seen[:4] == [("pretrain", 6, [False, False]), ("pretrain", 6, [True, True]),
-                        ("pretrain", 3, [False, False]), ("pretrain", 3, [True, True])]
 
 
 def test_side_by_side_split_and_official_patches(tiny_data, tmp_path):
@@ -206,7 +191,7 @@ def test_la_curve_adds_the_official_checkpoints_at_the_same_iterations(tiny_data
     assert loaded == [("LA_half", "pre_train", "iter_2_dice_2.0.pth"),
                       ("LA_half", "self_train", "iter_2_dice_2.0.pth"),
                       ("LA_half", "self_train", "iter_4_dice_4.0.pth")]
-    cfg = bm.load_checkpoint(tmp_path / "w" / "curve_s1337" / "final.pt")["cfg"]
+    cfg = gd.load_checkpoint(tmp_path / "w" / "curve_s1337" / "final.pt")["cfg"]
     assert (Path(cfg["root"]) / "val.list").read_text().split() == (tiny_data / "train.list").read_text().split()[-2:]
     assert json.loads((tmp_path / "w" / "curve.json").read_text())["data"] == "LA_half"
     from matplotlib.figure import Figure
@@ -258,7 +243,7 @@ def test_a_killed_curve_run_resumes_and_its_minutes_go_on(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         benchmark.main(argv)
     out = tmp_path / "w" / "curve_s1337"
-    assert not (out / "final.pt").exists() and bm.load_checkpoint(out / "ckpt_last.pt")["stage"] == "pretrain"
+    assert not (out / "final.pt").exists() and gd.load_checkpoint(out / "ckpt_last.pt")["stage"] == "pretrain"
     spent = next(float(r["seconds"]) for r in csv.DictReader(open(out / "log.csv"))
                  if (r["stage"], r["iter"]) == ("pretrain", "2"))  # the checkpoint's time
     monkeypatch.setattr(bm, "train", lambda cfg, state=None, **k: calls.append(state) or real(cfg, state, **k))

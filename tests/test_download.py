@@ -8,8 +8,7 @@ import threading
 import pytest
 from conftest import ROOT
 
-import bcp_minimal as bm
-import get_data
+import get_data as gd
 
 
 @pytest.fixture()
@@ -38,30 +37,30 @@ def mirror(tiny_data, tmp_path):
 def test_download_resumable_and_checked(mirror, tmp_path, capsys):
     url, site, hits = mirror
     root = tmp_path / "LA"
-    assert get_data.main(["LA", "--root", str(root), "--url", url]) == 0
+    assert gd.main(["LA", "--root", str(root), "--url", url]) == 0
     cases = (site / "train.list").read_text().split() + (site / "test.list").read_text().split()
     for c in cases:
-        assert (root / bm.CASES_DIR / c / bm.CASE_FILE).read_bytes() == (site / bm.CASES_DIR / c / bm.CASE_FILE).read_bytes()
+        assert (root / gd.CASES_DIR / c / gd.CASE_FILE).read_bytes() == (site / gd.CASES_DIR / c / gd.CASE_FILE).read_bytes()
     assert len(hits) == 2 + len(cases)
     # resume: a missing and a truncated file are fetched again, complete files are skipped
-    (root / bm.CASES_DIR / cases[0] / bm.CASE_FILE).unlink()
-    broken = root / bm.CASES_DIR / cases[1] / bm.CASE_FILE
+    (root / gd.CASES_DIR / cases[0] / gd.CASE_FILE).unlink()
+    broken = root / gd.CASES_DIR / cases[1] / gd.CASE_FILE
     broken.write_bytes(broken.read_bytes()[:100])
     hits.clear()
-    assert get_data.main(["LA", "--root", str(root), "--url", url]) == 0
+    assert gd.main(["LA", "--root", str(root), "--url", url]) == 0
     assert sorted(h for h in hits if h.endswith(".h5")) == sorted(
         f"/2018LA_Seg_Training%20Set/{c}/mri_norm2.h5" for c in cases[:2])
-    assert get_data._valid_case_file(broken)
+    assert gd._valid_case_file(broken)
 
 
 def test_download_rejects_bad_file(mirror, tmp_path, capsys):
     url, site, hits = mirror
     case = (site / "train.list").read_text().split()[0]
-    (site / bm.CASES_DIR / case / bm.CASE_FILE).write_bytes(b"<html>not found</html>")
-    code = get_data.main(["LA", "--root", str(tmp_path / "LA"), "--url", url])
+    (site / gd.CASES_DIR / case / gd.CASE_FILE).write_bytes(b"<html>not found</html>")
+    code = gd.main(["LA", "--root", str(tmp_path / "LA"), "--url", url])
     err = capsys.readouterr().err
     assert code == 2 and case in err and "not a valid LA case" in err
-    assert not (tmp_path / "LA" / bm.CASES_DIR / case / bm.CASE_FILE).exists()
+    assert not (tmp_path / "LA" / gd.CASES_DIR / case / gd.CASE_FILE).exists()
 
 
 def test_download_offline_message(tmp_path, capsys):
@@ -69,14 +68,14 @@ def test_download_offline_message(tmp_path, capsys):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
-    code = get_data.main(["LA", "--root", str(tmp_path / "LA"), "--url", f"http://127.0.0.1:{port}"])
+    code = gd.main(["LA", "--root", str(tmp_path / "LA"), "--url", f"http://127.0.0.1:{port}"])
     err = capsys.readouterr().err
     assert code == 2 and "offline" in err and "Traceback" not in err
 
 
 def test_download_http_error(mirror, tmp_path, capsys):
     url, *_ = mirror
-    code = get_data.main(["LA", "--root", str(tmp_path / "LA"), "--url", url + "/missing"])
+    code = gd.main(["LA", "--root", str(tmp_path / "LA"), "--url", url + "/missing"])
     assert code == 2 and "HTTP 404" in capsys.readouterr().err
 
 
@@ -87,13 +86,13 @@ def test_make_half_is_trilinear_and_thresholded(tiny_data, tmp_path):
     import torch
     import torch.nn.functional as F
 
-    assert get_data.main(["LA_half", "--src", str(tiny_data), "--root", str(tmp_path / "half")]) == 0
+    assert gd.main(["LA_half", "--src", str(tiny_data), "--root", str(tmp_path / "half")]) == 0
     half = tmp_path / "half"
     assert (half / "train.list").read_text() == (tiny_data / "train.list").read_text()
     case = (tiny_data / "test.list").read_text().split()[0]
-    with h5py.File(tiny_data / bm.CASES_DIR / case / bm.CASE_FILE) as f:
+    with h5py.File(tiny_data / gd.CASES_DIR / case / gd.CASE_FILE) as f:
         im, lb = f["image"][()], f["label"][()]
-    with h5py.File(half / bm.CASES_DIR / case / bm.CASE_FILE) as f:
+    with h5py.File(half / gd.CASES_DIR / case / gd.CASE_FILE) as f:
         him, hlb = f["image"][()], f["label"][()]
     assert him.shape == hlb.shape == tuple(s // 2 for s in im.shape) and hlb.dtype == np.uint8
     # a 2x2x2 block average is what trilinear at exactly half size with align_corners=False is
@@ -111,13 +110,13 @@ def test_make_half_reproduces_the_shared_la_half(tmp_path):
     shared = ROOT.parent / "shared" / "data"
     src = tmp_path / "one"
     case = (shared / "LA_sample" / "train.list").read_text().split()[0]
-    (src / bm.CASES_DIR).mkdir(parents=True)
-    shutil.copytree(shared / "LA_sample" / bm.CASES_DIR / case, src / bm.CASES_DIR / case)
+    (src / gd.CASES_DIR).mkdir(parents=True)
+    shutil.copytree(shared / "LA_sample" / gd.CASES_DIR / case, src / gd.CASES_DIR / case)
     (src / "train.list").write_text(case + "\n")
-    get_data.make_half(src, tmp_path / "half", progress=False)
+    gd.make_half(src, tmp_path / "half", progress=False)
     for key in ("image", "label"):
-        with h5py.File(tmp_path / "half" / bm.CASES_DIR / case / bm.CASE_FILE) as a, \
-                h5py.File(shared / "LA_half" / bm.CASES_DIR / case / bm.CASE_FILE) as b:
+        with h5py.File(tmp_path / "half" / gd.CASES_DIR / case / gd.CASE_FILE) as a, \
+                h5py.File(shared / "LA_half" / gd.CASES_DIR / case / gd.CASE_FILE) as b:
             np.testing.assert_array_equal(a[key][()], b[key][()])
 
 
@@ -140,11 +139,11 @@ def test_acdc_zip_download_unpacks_a_nested_folder(tmp_path):
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         root = tmp_path / "ACDC"
-        assert get_data.main(["ACDC", "--url", f"{url}/acdc.zip", "--root", str(root)]) == 0
+        assert gd.main(["ACDC", "--url", f"{url}/acdc.zip", "--root", str(root)]) == 0
         assert (root / "train_slices.list").read_text() == (src / "train_slices.list").read_text()
-        assert bm.load_split(root, "val", 4)[1][0].ndim == 3 and not (root / "acdc.zip").exists()
-        assert get_data.main(["ACDC", "--url", f"{url}/bad.zip", "--root", str(tmp_path / "b")]) == 2
-        assert get_data.main(["ACDC", "--root", str(tmp_path / "c")]) == 2  # no URL: where to get it
+        assert gd.load_split(root, "val", 4)[1][0].ndim == 3 and not (root / "acdc.zip").exists()
+        assert gd.main(["ACDC", "--url", f"{url}/bad.zip", "--root", str(tmp_path / "b")]) == 2
+        assert gd.main(["ACDC", "--root", str(tmp_path / "c")]) == 2  # no URL: where to get it
     finally:
         server.shutdown()
         server.server_close()

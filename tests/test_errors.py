@@ -9,9 +9,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, tiny_cfg
+from conftest import ROOT
 
 import bcp_minimal as bm
+import get_data as gd
 
 FAST = ["--pretrain-iters", "1", "--selftrain-iters", "1", "--patch", "16", "16", "16", "--width", "2",
         "--batch-size", "8", "--eval-stride", "8", "8", "8", "--device", "cpu", "--log-every", "1",
@@ -33,7 +34,7 @@ def run(capsys, *argv):
 
 def case_file(root, i=0):
     case = (root / "train.list").read_text().split()[i]
-    return root / bm.CASES_DIR / case / bm.CASE_FILE
+    return root / gd.CASES_DIR / case / gd.CASE_FILE
 
 
 def test_missing_root(capsys, tmp_path):
@@ -201,7 +202,7 @@ def test_la_preset_fetches_a_missing_default_root(capsys, tmp_path, monkeypatch)
 
     def fake_prepare(preset, root):
         calls.append((preset, root))
-        raise bm.UserError("offline in this test")
+        raise gd.UserError("offline in this test")
 
     monkeypatch.setattr(get_data, "prepare", fake_prepare)
     monkeypatch.chdir(tmp_path)
@@ -271,7 +272,7 @@ def test_a_checkpoint_from_before_rotate_keeps_its_augmentation_and_scoring(monk
     del saved["rotate"]
     assert bm.config_from_checkpoint({"cfg": saved}, {}).rotate == 0
     assert bm.config_from_checkpoint({"cfg": {**saved, "rotate": 20}}, {}).rotate == 20
-    with pytest.raises(bm.UserError, match="--rotate: fixed by the checkpoint"):
+    with pytest.raises(gd.UserError, match="--rotate: fixed by the checkpoint"):
         bm.config_from_checkpoint({"cfg": saved}, {"rotate": 20})
     # likewise mirror TTA (ACDC_cpu's default now): an older run is scored as it was, unless asked
     assert bm.make_config("ACDC_cpu").eval_tta and bm.make_config("LA_half").eval_tta
@@ -284,22 +285,11 @@ def test_a_checkpoint_from_before_rotate_keeps_its_augmentation_and_scoring(monk
     monkeypatch.setitem(bm.PRESETS, "ACDC_cpu", {**bm.PRESETS["ACDC_cpu"], "top_convs": 1})
     del saved["top_convs"]
     assert bm.config_from_checkpoint({"cfg": saved}, {}).top_convs == 2
-    with pytest.raises(bm.UserError, match="--top-convs: fixed by the checkpoint"):
+    with pytest.raises(gd.UserError, match="--top-convs: fixed by the checkpoint"):
         bm.config_from_checkpoint({"cfg": saved}, {"top_convs": 1})
     # and before --skip, concatenated its skips
     monkeypatch.setitem(bm.PRESETS, "ACDC_cpu", {**bm.PRESETS["ACDC_cpu"], "skip": "add"})
     del saved["skip"]
     assert bm.config_from_checkpoint({"cfg": saved}, {}).skip == "concat"
-    with pytest.raises(bm.UserError, match="--skip: fixed by the checkpoint"):
+    with pytest.raises(gd.UserError, match="--skip: fixed by the checkpoint"):
         bm.config_from_checkpoint({"cfg": saved}, {"skip": "add"})
-
-
-def test_compile_without_a_cpp_compiler_says_so_before_training(tiny_data, tmp_path, monkeypatch):
-    from torch._inductor import cpp_builder
-
-    def missing():
-        raise RuntimeError("no working C++ compiler found")
-    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", missing)
-    with pytest.raises(bm.UserError, match=r"--compile: no C\+\+ compiler .*install one .*leave --compile off"):
-        bm.make_run(tiny_cfg(tiny_data, tmp_path, compile=True))
-    bm.make_run(tiny_cfg(tiny_data, tmp_path, compile=False))  # not asked: not checked

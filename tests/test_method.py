@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import bcp_minimal as bm
+import get_data as gd
 
 
 # ---------------------------------------------------------------- mask
@@ -269,7 +270,7 @@ def test_top_convs_1_keeps_one_convolution_in_each_full_resolution_block(dims):
         assert lite.eval()(torch.randn(2, 1, *[32] * dims)).shape == (2, 2, *[32] * dims)
     net = bm.make_model(bm.make_config("sample", top_convs=1))  # the flag reaches the network
     assert len(net.enc0) == len(net.dec0) == 3 and len(net.enc1) == 6
-    with pytest.raises(bm.UserError, match="--top-convs 3: 1 or 2"):  # the API too, not just argparse
+    with pytest.raises(gd.UserError, match=r"--top-convs 3: one of \[1, 2\]"):  # the API too, not just argparse
         bm.check_config(bm.make_config("sample", top_convs=3))
 
 
@@ -301,7 +302,7 @@ def test_skip_add_feeds_each_decoder_block_the_sum_of_encoder_and_upsampled_feat
     net = bm.make_model(bm.make_config("sample", top_convs=1, skip="add"))  # flags reach it
     assert net.add and len(net.dec0) == 3 and net.dec0[0].in_channels == net.enc0[0].out_channels
     assert not bm.make_model(bm.make_config("sample")).add  # default: the U-Net's concatenation
-    with pytest.raises(bm.UserError, match="--skip sum: concat or add"):
+    with pytest.raises(gd.UserError, match=r"--skip sum: one of \[.concat., .add.\]"):
         bm.check_config(bm.make_config("sample", skip="sum"))
 
 
@@ -380,8 +381,8 @@ def test_bundled_samples_are_what_the_seeded_generator_makes(tmp_path):
         assert (fresh / name).read_text() == (ROOT / "data_samples" / name).read_text()
     for case in ["PHANTOM000", "PHANTOM019", "PHANTOM023"]:
         for key in ("image", "label"):
-            with h5py.File(fresh / bm.CASES_DIR / case / bm.CASE_FILE) as a, \
-                    h5py.File(ROOT / "data_samples" / bm.CASES_DIR / case / bm.CASE_FILE) as b:
+            with h5py.File(fresh / gd.CASES_DIR / case / gd.CASE_FILE) as a, \
+                    h5py.File(ROOT / "data_samples" / gd.CASES_DIR / case / gd.CASE_FILE) as b:
                 np.testing.assert_array_equal(a[key][()], b[key][()])
 
 
@@ -414,7 +415,7 @@ def test_largest_component_in_2d_is_8_connected():
 
 def test_sampler_draws_every_case_once_per_pass():
     g = torch.Generator().manual_seed(0)
-    s = bm.VolumeSampler([np.zeros((16, 16, 16), np.float32)] * 5, None, (16, 16, 16), "cpu", g)
+    s = gd.VolumeSampler([np.zeros((16, 16, 16), np.float32)] * 5, None, (16, 16, 16), "cpu", g)
     first, second = s.draw(5), s.draw(5)
     assert sorted(first) == sorted(second) == list(range(5)) and first != second
     third = s.draw(3) + s.draw(2)  # a pass split over two calls is still one pass

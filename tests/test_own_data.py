@@ -9,7 +9,7 @@ import pytest
 from make_samples import make_phantom
 
 import bcp_minimal as bm
-import get_data
+import get_data as gd
 
 nib = pytest.importorskip("nibabel")
 
@@ -53,7 +53,7 @@ def msd_run(msd, tmp_path_factory):
     """get_data.py nifti --val 1, then `bcp_minimal.py --root OUT` with only the tiny budget."""
     src, _ = msd
     out = tmp_path_factory.mktemp("msd_out")
-    assert get_data.main(["nifti", "--src", str(src), "--root", str(out / "data"), "--val", "1"]) == 0
+    assert gd.main(["nifti", "--src", str(src), "--root", str(out / "data"), "--val", "1"]) == 0
     assert bm.main(["--root", str(out / "data"), "--out", str(out / "run"), *TINY]) == 0
     return out
 
@@ -64,19 +64,19 @@ def test_nifti_folder_becomes_the_layout_the_module_trains_on(msd, msd_run):
     train, val = (root / "train.list").read_text().split(), (root / "val.list").read_text().split()
     assert train == ["case_0", "case_1", "case_2", "case_4", "case_5"]  # 3 labeled, then unlabeled
     assert val == ["case_3"]  # the last labeled case held out
-    meta = json.loads((root / bm.DATASET_FILE).read_text())
+    meta = json.loads((root / gd.DATASET_FILE).read_text())
     assert meta["preset"] == "LA_half"
     assert meta["config"] | {} == {**meta["config"], "num_classes": 2, "class_names": ["atrium"],
                                    "norm": "zscore", "labeled": 3, "eval_split": "val"}
     for i, case in enumerate(["case_0", "case_4"]):  # labeled, unlabeled
-        with h5py.File(root / bm.CASES_DIR / case / bm.CASE_FILE) as f:
+        with h5py.File(root / gd.CASES_DIR / case / gd.CASE_FILE) as f:
             assert ("label" in f) == (i == 0)  # the unlabeled case holds no label at all
             image = f["image"][()]
             np.testing.assert_allclose(f.attrs["spacing"], [1.5, 1.5, 3.0])
         raw = cases[int(case[-1])][0] * 80 + 400
         np.testing.assert_allclose(image, (raw - raw.mean()) / raw.std(), atol=1e-4)  # z-scored
         if i == 0:
-            with h5py.File(root / bm.CASES_DIR / case / bm.CASE_FILE) as f:
+            with h5py.File(root / gd.CASES_DIR / case / gd.CASE_FILE) as f:
                 assert np.array_equal(f["label"][()], cases[0][1])
 
 
@@ -99,7 +99,7 @@ def test_predict_on_the_held_out_scans(msd, msd_run):
                     "--out", str(out)]) == 0
     rows = list(csv.DictReader(open(out / "volumes.csv")))
     assert sorted(r["case"] for r in rows) == ["test_6", "test_7"]  # nnU-Net's _0000 dropped
-    state = bm.load_checkpoint(msd_run / "run" / "final.pt")
+    state = gd.load_checkpoint(msd_run / "run" / "final.pt")
     cfg = bm.config_from_checkpoint(state, {})
     assert cfg.eval_tta  # LA_half's settings: --predict mirrors as --eval scores
     model, name = bm.scored_model(cfg, state, bm.torch.device("cpu"))
@@ -110,7 +110,7 @@ def test_predict_on_the_held_out_scans(msd, msd_run):
         assert r["class"] == "atrium"
         assert float(r["ml"]) == pytest.approx(int(r["voxels"]) * 1.5 * 1.5 * 3.0 / 1000, abs=1e-3)
         raw = np.asarray(nib.load(str(src / "imagesTs" / f"{r['case']}_0000.nii.gz")).dataobj)
-        x = bm.normalize(raw, "zscore")
+        x = gd.normalize(raw, "zscore")
         want = bm.largest_per_class(bm.predict_volume(model.eval(), bm.torch.from_numpy(x), cfg)[None], 2)[0]
         assert np.array_equal(np.asarray(mask.dataobj), want.numpy())
 
@@ -152,7 +152,7 @@ def test_pancreas_end_to_end(nih, tmp_path, capsys):
     evaluate on val -> predict raw CT scans. The window is in config.json; --predict reads a
     raw scan exactly as get_data.py made the training case (normalise, resample to 1 mm)."""
     root = tmp_path / "Pancreas"
-    assert get_data.convert_pancreas(nih, root, n_test=2, val=1, progress=False) == root
+    assert gd.convert_pancreas(nih, root, n_test=2, val=1, progress=False) == root
     assert (root / "train.list").read_text().split() == [f"PANCREAS_{i:04d}" for i in range(1, 5)]
     assert (root / "val.list").read_text().split() == ["PANCREAS_0005"]
     assert (root / "test.list").read_text().split() == ["PANCREAS_0006", "PANCREAS_0007"]
@@ -163,15 +163,15 @@ def test_pancreas_end_to_end(nih, tmp_path, capsys):
     assert [c["case"] for c in json.loads((tmp_path / "run" / "metrics.json").read_text())["cases"]] == [
         "PANCREAS_0005"]
     # --predict normalises exactly as training did: the h5 case is a block of read_scan's image
-    run_cfg = bm.config_from_checkpoint(bm.load_checkpoint(tmp_path / "run" / "final.pt"), {})
+    run_cfg = bm.config_from_checkpoint(gd.load_checkpoint(tmp_path / "run" / "final.pt"), {})
     scan = nih / "data" / "PANCREAS_0006.nii.gz"
-    image = bm.read_scan(scan, run_cfg)[0]
+    image = gd.read_scan(scan, run_cfg.norm, run_cfg.window, run_cfg.spacing)[0]
     tcia = nih / "TCIA_pancreas_labels-02-05-2017" / "label0006.nii.gz"
-    label = bm.resample(np.asarray(nib.load(str(tcia)).dataobj), (0.8, 0.8, 2.0), label=True)
+    label = gd.resample(np.asarray(nib.load(str(tcia)).dataobj), (0.8, 0.8, 2.0), label=True)
     assert image.shape == (32, 32, 32)  # 40 x 0.8 mm, 16 x 2 mm at 1 mm
-    with h5py.File(root / bm.CASES_DIR / "PANCREAS_0006" / bm.CASE_FILE) as f:
+    with h5py.File(root / gd.CASES_DIR / "PANCREAS_0006" / gd.CASE_FILE) as f:
         case, case_label = f["image"][()], f["label"][()]
-    crop, crop_label = get_data.crop_to_organ(image, label)
+    crop, crop_label = gd.crop_to_organ(image, label)
     assert np.array_equal(case, crop) and np.array_equal(case_label, crop_label)
     assert case.min() == 0 and case.max() <= 1  # air (-1000 HU) clipped to the window's 0
     out = tmp_path / "pred"
@@ -188,12 +188,12 @@ def test_crop_to_organ_by_hand():
     label = np.zeros((300, 4, 4), np.uint8)
     label[100:110, 1:3, 1:3] = 1
     image = np.arange(300 * 16, dtype=np.float32).reshape(300, 4, 4)
-    crop, crop_label = get_data.crop_to_organ(image, label)
+    crop, crop_label = gd.crop_to_organ(image, label)
     assert crop.shape == (145, 4, 4) and crop[0, 0, 0] == image[32, 0, 0]
     assert crop_label.sum() == label.sum()
     label[:] = 0
     label[5:8, 1, 1] = 1  # 5..7: grown by 47 + 25 = 72 -> 0..79
-    assert get_data.crop_to_organ(image, label)[0].shape == (79, 4, 4)
+    assert gd.crop_to_organ(image, label)[0].shape == (79, 4, 4)
 
 
 @pytest.mark.parametrize("problem", ["no dataset.json", "label shape", "4-D", "val too large", "label value"])
@@ -216,7 +216,7 @@ def test_bad_nifti_folders_are_named(msd, tmp_path, capsys, problem):
     else:
         argv += ["--val", "4"]
         bad = src
-    assert get_data.main(argv) == 2
+    assert gd.main(argv) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "Traceback" not in err
     assert {"no dataset.json": "labels", "label shape": "image's grid", "4-D": "_0000",
@@ -227,7 +227,7 @@ def test_eval_split_none_trains_and_says_so(msd, tmp_path, capsys):
     """A folder with no held-out labels (--val 0): training runs, nothing is scored, --eval
     asks for a split instead of failing on a missing list."""
     root = tmp_path / "data"
-    get_data.convert_nifti(msd[0], root, progress=False)
+    gd.convert_nifti(msd[0], root, progress=False)
     assert not (root / "val.list").exists()
     assert bm.main(["--root", str(root), "--out", str(tmp_path / "run"), *TINY]) == 0
     assert "not scored" in capsys.readouterr().out

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import bcp_minimal as bm
+import get_data as gd
 
 nib = pytest.importorskip("nibabel")
 
@@ -17,7 +18,7 @@ AFFINE = np.array([[0.0, -1.25, 0, 30], [1.25, 0, 0, -12], [0, 0, 2.5, 7], [0, 0
 
 
 def _nifti(tiny_data, folder, case):
-    with h5py.File(tiny_data / bm.CASES_DIR / case / bm.CASE_FILE) as f:
+    with h5py.File(tiny_data / gd.CASES_DIR / case / gd.CASE_FILE) as f:
         image, label = f["image"][()], f["label"][()]
     folder.mkdir(exist_ok=True)
     nib.save(nib.Nifti1Image(image, AFFINE), str(folder / f"{case}.nii.gz"))
@@ -33,7 +34,7 @@ def test_predict_nifti_keeps_geometry_and_matches_eval(capsys, tiny_data, traine
     labels = {c: _nifti(tiny_data, tmp_path / "in", c) for c in cases}
     (tmp_path / "in_h5").mkdir()
     for c in cases:
-        shutil.copy(tiny_data / bm.CASES_DIR / c / bm.CASE_FILE, tmp_path / "in_h5" / f"{c}.h5")
+        shutil.copy(tiny_data / gd.CASES_DIR / c / gd.CASE_FILE, tmp_path / "in_h5" / f"{c}.h5")
     for src, out in (("in", "p"), ("in_h5", "p_h5")):
         assert bm.main(["--predict", str(tmp_path / src), "--ckpt", str(trained), "--out", str(tmp_path / out)]) == 0
     assert bm.main(["--eval", str(trained), "--out", str(tmp_path / "e")]) == 0
@@ -95,7 +96,7 @@ def test_eval_model_picks_the_weights_scored_and_predicted(capsys, monkeypatch, 
     real_evaluate, real_predict = bm.evaluate, bm.predict
     monkeypatch.setattr(bm, "evaluate", lambda m, *a, **k: seen.append(m.state_dict()) or real_evaluate(m, *a, **k))
     monkeypatch.setattr(bm, "predict", lambda m, *a, **k: seen.append(m.state_dict()) or real_predict(m, *a, **k))
-    state = bm.load_checkpoint(trained)
+    state = gd.load_checkpoint(trained)
     assert any(not torch.equal(state["model"][k], state["teacher"][k]) for k in state["model"])
 
     def same(sd, ref):
@@ -113,7 +114,7 @@ def test_eval_model_picks_the_weights_scored_and_predicted(capsys, monkeypatch, 
     assert bm.main(["--predict", str(tmp_path / "in"), "--ckpt", str(trained), "--out",
                     str(tmp_path / "p"), "--eval-model", "teacher"]) == 0
     assert same(seen[-1], state["teacher"])
-    pre = bm.load_checkpoint(trained.parent / "pretrain.pt")
+    pre = gd.load_checkpoint(trained.parent / "pretrain.pt")
     assert pre["teacher"] is None
     assert bm.main(["--eval", str(trained.parent / "pretrain.pt"), "--out", str(tmp_path / "pre"),
                     "--eval-model", "teacher"]) == 0
@@ -124,23 +125,23 @@ def test_eval_model_picks_the_weights_scored_and_predicted(capsys, monkeypatch, 
 def test_predict_takes_every_scan_eval_takes(tiny_data, trained, tmp_path):
     """A scan thinner than the training patch (as LA_half's 44 slices under its 48-slice patch)
     is padded and cropped back: its mask has the scan's shape and equals predict_volume's."""
-    state = bm.load_checkpoint(trained)
+    state = gd.load_checkpoint(trained)
     cfg = bm.make_config("sample", **{**state["cfg"], "data": "sample", "patch": (16, 16, 16)})
     model = bm.make_model(cfg)
     model.load_state_dict(state["model"])
-    with h5py.File(tiny_data / bm.CASES_DIR / (tiny_data / "test.list").read_text().split()[0] / bm.CASE_FILE) as f:
+    with h5py.File(tiny_data / gd.CASES_DIR / (tiny_data / "test.list").read_text().split()[0] / gd.CASE_FILE) as f:
         image = f["image"][()][:, :, 3:13]  # 24 x 24 x 10: 10 slices < the patch's 16
     (tmp_path / "in").mkdir()
     nib.save(nib.Nifti1Image(image, AFFINE), str(tmp_path / "in" / "thin.nii.gz"))
     assert bm.predict(model, cfg, tmp_path / "in", tmp_path / "out", progress=False) == []
     pred = np.asarray(nib.load(str(tmp_path / "out" / "thin.nii.gz")).dataobj)
-    x = bm.read_scan(tmp_path / "in" / "thin.nii.gz", cfg)[0]  # normalised as predict reads it
+    x = gd.read_scan(tmp_path / "in" / "thin.nii.gz", cfg.norm, cfg.window, cfg.spacing)[0]  # normalised as predict reads it
     want = bm.largest_per_class(bm.predict_volume(model.eval(), torch.from_numpy(x), cfg)[None], 2)[0]
     assert want.any()
     assert pred.shape == image.shape and np.array_equal(pred, want.numpy())
 
 
-@pytest.mark.parametrize("norm", bm.NORMS)
+@pytest.mark.parametrize("norm", gd.NORMS)
 def test_read_scan_normalises_nifti_by_the_run_and_reads_h5_as_stored(tmp_path, norm):
     """A NIfTI scan is raw: normalised by the run's norm, each by its own formula (not merely
     'some' normalisation: a z-scored scan differs from a min-max one). An h5 scan is a prepared
@@ -149,14 +150,14 @@ def test_read_scan_normalises_nifti_by_the_run_and_reads_h5_as_stored(tmp_path, 
     raw = (rng.normal(size=(20, 16, 12)) * 300 + 40).astype(np.float32)  # CT-like: HU around 40
     nib.save(nib.Nifti1Image(raw, np.eye(4)), str(tmp_path / "raw.nii.gz"))
     cfg = bm.make_config("sample", norm=norm, window=(-100.0, 300.0))
-    image = bm.read_scan(tmp_path / "raw.nii.gz", cfg)[0]
+    image = gd.read_scan(tmp_path / "raw.nii.gz", cfg.norm, cfg.window, cfg.spacing)[0]
     x = raw.astype(np.float64)
     want = {"zscore": (x - x.mean()) / x.std(), "minmax": (x - x.min()) / (x.max() - x.min()),
             "ct": (np.clip(x, -100, 300) + 100) / 400, "none": x}[norm]
     np.testing.assert_allclose(image, want, rtol=1e-5, atol=1e-5)
     with h5py.File(tmp_path / "case.h5", "w") as f:
         f["image"] = raw
-    assert np.array_equal(bm.read_scan(tmp_path / "case.h5", cfg)[0], raw)
+    assert np.array_equal(gd.read_scan(tmp_path / "case.h5", cfg.norm, cfg.window, cfg.spacing)[0], raw)
 
 
 class Threshold(torch.nn.Module):
@@ -180,8 +181,8 @@ def test_evaluate_keeps_the_largest_component_only_when_asked(tmp_path, lcc):
     label = np.zeros((32, 32, 16), np.uint8)
     image[4:16, 4:16, 4:12] = label[4:16, 4:16, 4:12] = 1  # the organ: 12 x 12 x 8
     image[26:29, 26:29, 10:13] = 1  # a 27-voxel blob
-    (root / bm.CASES_DIR / "case0").mkdir(parents=True)
-    with h5py.File(root / bm.CASES_DIR / "case0" / bm.CASE_FILE, "w") as f:
+    (root / gd.CASES_DIR / "case0").mkdir(parents=True)
+    with h5py.File(root / gd.CASES_DIR / "case0" / gd.CASE_FILE, "w") as f:
         f["image"], f["label"] = image, label
     (root / "test.list").write_text("case0\n")
     cfg = bm.make_config("sample", root=str(root), patch=(16, 16, 16), eval_stride=(8, 8, 8), eval_lcc=lcc)
@@ -235,7 +236,7 @@ def test_eval_ensemble_and_tta_flags(capsys, monkeypatch, tiny_data, trained, tm
     and stdout say which; a checkpoint without a teacher falls back to its student."""
     seen, real = [], bm.evaluate
     monkeypatch.setattr(bm, "evaluate", lambda m, *a, **k: seen.append(m) or real(m, *a, **k))
-    state = bm.load_checkpoint(trained)
+    state = gd.load_checkpoint(trained)
     for flags, scored in [(["--eval-model", "ensemble"], "student+teacher"),
                           (["--eval-tta", "true"], "student, mirrored"),
                           (["--eval-model", "ensemble", "--eval-tta", "true"], "student+teacher, mirrored")]:
@@ -252,3 +253,19 @@ def test_eval_ensemble_and_tta_flags(capsys, monkeypatch, tiny_data, trained, tm
     assert bm.main(["--eval", str(trained.parent / "pretrain.pt"), "--out", str(tmp_path / "pre"),
                     "--eval-model", "ensemble"]) == 0
     assert json.loads((tmp_path / "pre" / "metrics.json").read_text())["scored"] == "student"
+
+
+def test_predict_reads_a_4d_scan_with_one_channel_as_get_data_does(tiny_data, trained, tmp_path):
+    """An (X, Y, Z, 1) NIfTI, which `get_data.py nifti` accepts, is read by --predict too: the
+    same mask as the (X, Y, Z) scan."""
+    state = gd.load_checkpoint(trained)
+    cfg = bm.make_config("sample", **{**state["cfg"], "data": "sample"})
+    model = bm.make_model(cfg)
+    model.load_state_dict(state["model"])
+    image = gd.load_case(tiny_data, (tiny_data / "test.list").read_text().split()[0])[0]
+    for name, data in (("three", image), ("four", image[..., None])):
+        (tmp_path / name).mkdir()
+        nib.save(nib.Nifti1Image(data, AFFINE), str(tmp_path / name / "scan.nii.gz"))
+        assert bm.predict(model, cfg, tmp_path / name, tmp_path / f"out_{name}", progress=False) == []
+    masks = [np.asarray(nib.load(str(tmp_path / f"out_{n}" / "scan.nii.gz")).dataobj) for n in ("three", "four")]
+    assert masks[0].shape == image.shape and np.array_equal(masks[0], masks[1])

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import bcp_minimal as bm
+import get_data as gd
 
 P = (16, 16, 16)
 
@@ -27,9 +28,9 @@ def samplers(lab_value=1.0, unl_value=-1.0, lab_label=1, unl_label=1, n=3, seed=
     """Labeled volumes filled with lab_value (label lab_label), unlabeled with unl_value."""
     g = torch.Generator().manual_seed(seed)
     shape = (20, 20, 18)
-    lab = bm.VolumeSampler([np.full(shape, lab_value, np.float32)] * n,
+    lab = gd.VolumeSampler([np.full(shape, lab_value, np.float32)] * n,
                            [np.full(shape, lab_label, np.uint8)] * n, P, "cpu", g)
-    unl = bm.VolumeSampler([np.full(shape, unl_value, np.float32)] * n,
+    unl = gd.VolumeSampler([np.full(shape, unl_value, np.float32)] * n,
                            [np.full(shape, unl_label, np.uint8)] * n, P, "cpu", g)
     return lab, unl, g
 
@@ -108,7 +109,7 @@ def test_pretrain_batch_mixes_images_and_labels_with_one_mask():
     rng = np.random.default_rng(0)
     labels = [(rng.random((20, 20, 18)) > 0.5).astype(np.uint8) for _ in range(4)]
     images = [lb.astype(np.float32) * 2 + i * 10 for i, lb in enumerate(labels)]  # image says its label and case
-    lab = bm.VolumeSampler(images, labels, P, "cpu", g)
+    lab = gd.VolumeSampler(images, labels, P, "cpu", g)
     b = bm.pretrain_batch(lab, cfg(), g)
     assert torch.equal((b["x"][:, 0] % 10) / 2, b["y"].float())  # the same mask for both
     case = (b["x"][:, 0] // 10)  # which case each voxel came from
@@ -121,7 +122,7 @@ def test_sampler_rotates_image_and_label_together_for_non_cubic_patches(patch):
     rng = np.random.default_rng(1)
     image = rng.random((40, 30, 50)).astype(np.float32)
     label = (image > 0.6).astype(np.uint8)
-    s = bm.VolumeSampler([image], [label], patch, "cpu", g)
+    s = gd.VolumeSampler([image], [label], patch, "cpu", g)
     for _ in range(24):
         x, y = s.batch([0])
         assert x.shape == (1, 1, *patch) and y.shape == (1, *patch)
@@ -134,7 +135,7 @@ def test_sampler_rotates_image_and_label_together_for_non_cubic_patches(patch):
 def test_sampler_draws_every_rotation():
     g = torch.Generator().manual_seed(3)
     image = np.arange(32 * 32 * 16, dtype=np.float32).reshape(32, 32, 16)
-    s = bm.VolumeSampler([image], [np.zeros_like(image, np.uint8)], (32, 32, 16), "cpu", g,
+    s = gd.VolumeSampler([image], [np.zeros_like(image, np.uint8)], (32, 32, 16), "cpu", g,
                          margin=0)  # no padding: one crop, only the rotation and flip vary
     seen = {tuple(s.batch([0])[0][0, 0, :2, :2, 0].flatten().tolist()) for _ in range(60)}
     # official RandomRotFlip always flips after rotating: the 4 reflections of the square, never
@@ -148,9 +149,9 @@ def test_sampler_pads_as_the_official_random_crop():
     # x: max(-4 + 3, 0) = 0, y: 1 + 3 = 4, z: 2 + 3 = 5  ->  (40, 38, 54)
     g = torch.Generator().manual_seed(4)
     image = np.ones((40, 30, 44), np.float32)
-    s = bm.VolumeSampler([image], [image.astype(np.uint8)], (32, 32, 48), "cpu", g)
+    s = gd.VolumeSampler([image], [image.astype(np.uint8)], (32, 32, 48), "cpu", g)
     assert s.images[0].shape == (40, 38, 54) and s.labels[0].shape == (40, 38, 54)
-    assert bm.VolumeSampler([image], [image.astype(np.uint8)], (32, 32, 48), "cpu", g,
+    assert gd.VolumeSampler([image], [image.astype(np.uint8)], (32, 32, 48), "cpu", g,
                             margin=0).images[0].shape == (40, 32, 48)  # just enough
     # the 44 slices (at 5 .. 48 of 54) move in the 48 of the crop: its corner c = 0 .. 6 puts
     # the first one at max(5 - c, 0) = 5 .. 0
@@ -162,7 +163,7 @@ def test_sampler_pads_as_the_official_random_crop():
         assert torch.equal(y[0].float(), x[0, 0])
     assert firsts == {0, 1, 2, 3, 4, 5}
     big = np.ones((80, 80, 60), np.float32)  # no side <= the patch: no padding (official)
-    assert bm.VolumeSampler([big], [big.astype(np.uint8)], (32, 32, 48), "cpu",
+    assert gd.VolumeSampler([big], [big.astype(np.uint8)], (32, 32, 48), "cpu",
                             g).images[0].shape == (80, 80, 60)
 
 
@@ -172,15 +173,15 @@ def test_rotate_nearest_is_scipys_order_0_rotation(shape):
     v = torch.from_numpy(np.random.default_rng(5).random(shape).astype(np.float32) + 0.1)
     for angle in (15, -20, 7, 33, 90):
         ref = ndimage.rotate(v.numpy(), angle, order=0, reshape=False)
-        got = bm.rotate_nearest(v, angle).numpy()
+        got = gd.rotate_nearest(v, angle).numpy()
         # noise: every pixel is its own rounding decision. Compared where the source lies 2
         # pixels inside the image (scipy's border mode differs next to the zeros)
         inside = ndimage.binary_erosion(ref > 0, iterations=2, border_value=0)
         assert inside.mean() > 0.4 and np.array_equal(got[inside], ref[inside]), angle
     if shape[0] == shape[1]:
-        assert torch.equal(bm.rotate_nearest(v, 90), torch.rot90(v, 1, (0, 1)))
+        assert torch.equal(gd.rotate_nearest(v, 90), torch.rot90(v, 1, (0, 1)))
     stack = torch.stack([v, 2 * v], -1)  # (X, Y, 2): every channel turned alike
-    assert torch.equal(bm.rotate_nearest(stack, 15)[..., 1], bm.rotate_nearest(2 * v, 15))
+    assert torch.equal(gd.rotate_nearest(stack, 15)[..., 1], gd.rotate_nearest(2 * v, 15))
 
 
 def test_acdc_augmentation_draws_as_the_official_random_generator():
@@ -188,7 +189,7 @@ def test_acdc_augmentation_draws_as_the_official_random_generator():
     # angle in [-20, 20) half the time, else the slice as it is
     g = torch.Generator().manual_seed(6)
     image = np.arange(32 * 32, dtype=np.float32).reshape(32, 32)
-    s = bm.VolumeSampler([image], [np.zeros_like(image, np.uint8)], (32, 32), "cpu", g, rotate=20)
+    s = gd.VolumeSampler([image], [np.zeros_like(image, np.uint8)], (32, 32), "cpu", g, rotate=20)
     poses = [s.pose() for _ in range(4000)]
     turned = [p for p in poses if p[1] is not None]
     angles = [p[2] for p in poses if p[1] is None and p[2]]
@@ -200,7 +201,7 @@ def test_acdc_augmentation_draws_as_the_official_random_generator():
     assert x.shape == (1, 1, 32, 32) and y.shape == (1, 32, 32)
     # LA (rotate=0): the draws of before, a turn and a flip every time
     g0, g1 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-    s0 = bm.VolumeSampler([image], None, (32, 32), "cpu", g0)
+    s0 = gd.VolumeSampler([image], None, (32, 32), "cpu", g0)
     assert [s0.pose() for _ in range(20)] == [
         (int(torch.randint(0, 4, (1,), generator=g1)), int(torch.randint(0, 2, (1,), generator=g1)),
          0) for _ in range(20)]
