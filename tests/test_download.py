@@ -147,3 +147,19 @@ def test_acdc_zip_download_unpacks_a_nested_folder(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_val_holds_out_the_last_cases_of_train_list(mirror, tmp_path):
+    """get_data.py LA --val N: val.list = the last N cases of train.list, train.list the rest,
+    test.list untouched; LA_half of that folder keeps the three lists."""
+    url, site, _ = mirror
+    root = tmp_path / "LA"
+    assert gd.main(["LA", "--root", str(root), "--url", url, "--val", "2"]) == 0
+    train = (site / "train.list").read_text().split()
+    assert (root / "train.list").read_text().split() == train[:-2]
+    assert (root / "val.list").read_text().split() == train[-2:]
+    assert (root / "test.list").read_text() == (site / "test.list").read_text()
+    assert gd.main(["LA_half", "--src", str(root), "--root", str(tmp_path / "half")]) == 0
+    for name in ("train.list", "val.list", "test.list"):
+        assert (tmp_path / "half" / name).read_text() == (root / name).read_text()
+    assert gd.main(["LA", "--root", str(tmp_path / "x"), "--url", url, "--val", str(len(train))]) == 2

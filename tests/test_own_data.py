@@ -2,6 +2,7 @@
 Pancreas-CT, through get_data.py, training, evaluation and --predict, on synthetic phantoms."""
 import csv
 import json
+import shutil
 
 import h5py
 import numpy as np
@@ -234,3 +235,24 @@ def test_eval_split_none_trains_and_says_so(msd, tmp_path, capsys):
     assert set(json.loads((tmp_path / "run" / "metrics.json").read_text())) == {"train_seconds"}
     assert bm.main(["--eval", str(tmp_path / "run" / "final.pt")]) == 2
     assert "--eval-split" in capsys.readouterr().err
+
+
+def test_a_folder_whose_scans_are_all_labeled_trains_a_fifth_as_labeled(msd, tmp_path, capsys):
+    """Most MSD tasks label every training scan. BCP needs unlabeled ones: the first fifth (at
+    least 1) train as labeled, the rest as unlabeled (their labels never read), said on screen;
+    --labeled N chooses; `bcp_minimal.py --root OUT` then starts as the README says."""
+    src, _ = msd
+    full = tmp_path / "full"
+    shutil.copytree(src, full)
+    for p in (full / "imagesTr").glob("case_[45]_0000.nii.gz"):
+        p.unlink()  # drop the two unlabeled scans: 4 scans, all labeled
+    assert gd.main(["nifti", "--src", str(full), "--root", str(tmp_path / "d"), "--val", "1"]) == 0
+    assert "the first 1 of 3 train as labeled" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "d" / gd.DATASET_FILE).read_text())["config"]
+    assert meta["labeled"] == 1 and (tmp_path / "d" / "train.list").read_text().split() == [
+        "case_0", "case_1", "case_2"]
+    assert bm.main(["--root", str(tmp_path / "d"), "--out", str(tmp_path / "run"), *TINY]) == 0
+    assert gd.main(["nifti", "--src", str(full), "--root", str(tmp_path / "e"), "--val", "1",
+                    "--labeled", "2"]) == 0
+    assert json.loads((tmp_path / "e" / gd.DATASET_FILE).read_text())["config"]["labeled"] == 2
+    assert gd.main(["nifti", "--src", str(full), "--root", str(tmp_path / "f"), "--labeled", "4"]) == 2
