@@ -5,8 +5,9 @@
     python notebooks/build.py --links-only # rewrite set-up cells and Colab links, run nothing
 
 REPO below is the one place that holds the project's address: the set-up cell of every
-notebook and the Colab links (in the notebooks and README.md) are written from it. Publish the
-project, put its address here, run `--links-only`, commit.
+notebook and the Colab link in each notebook's title (and any in README.md, which has none while
+REPO is the placeholder) are written from it. Publish the project, put its address here, run
+`--links-only`, commit.
 
 Each executed notebook keeps its outputs, so GitHub shows every figure without running
 anything, and records in its metadata the SHA-256 of its code cells and where it ran;

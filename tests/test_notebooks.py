@@ -70,9 +70,12 @@ def test_skeleton_setup_cell_colab_link_and_exercises(path):
 
 
 def test_readme_colab_links_follow_build_repo():
+    """README.md links no notebook on Colab while REPO is the placeholder (such a link is a 404);
+    any Colab link it has points where build.REPO says."""
     readme = (ROOT / "README.md").read_text()
     links = re.findall(r"https://colab\.research\.google\.com/github/[^)\s]*", readme)
-    assert links and all(link == build.colab_link(link.rsplit("/", 1)[1]) for link in links)
+    assert all(link == build.colab_link(link.rsplit("/", 1)[1]) for link in links)
+    assert not (links and "/USER/" in build.REPO), "README links Colab to the placeholder REPO"
 
 
 def test_setup_cell_explains_the_placeholder_on_colab(tmp_path, monkeypatch):
