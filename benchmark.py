@@ -4,7 +4,7 @@ self-training iteration spends its time, sliding-window evaluation, and the metr
     python benchmark.py                                        # LA paper config, synthetic tensors
     python benchmark.py --patch 64 64 48 --root data/LA_half   # LA_half config, real data
     python benchmark.py --eval-root DIR --metrics             # evaluation time per case; vs medpy
-    python benchmark.py --gpu-check                           # the paper config's it/s, memory
+    python benchmark.py --gpu-check --official ../BCP          # one table for a GPU, below
     python benchmark.py --networks --patch 64 64 48 --root data/LA_half --official ../BCP
     python benchmark.py --official ../BCP --root data/LA_half   # side by side, below
     python benchmark.py --official ../BCP --data ACDC_cpu --root data/ACDC --seed 2  # ACDC, too
@@ -31,6 +31,15 @@ by OFFICIAL_ACDC_PATCHES and driven by ACDC_DRIVER (its every-200-iterations sel
 val.list switched off: the last checkpoint is scored; no DataLoader worker processes on a
 CPU); both final students scored by bm.evaluate on val.list; s/it both ways, as for LA.
 Every result names the CPU model and its AMX / AVX512-BF16 flags (cpu_info).
+
+GPU check (--gpu-check; synthetic volumes, no data needed, a few minutes on a current GPU; any
+--device for a dry run): what --amp auto picks there, the LA preset's step per stage (it/s, peak
+memory, the paper's 2 000 + 15 000 iterations projected), the official LA script's step on the
+same synthetic cases with --official DIR (its steady s/it, and the ratio), and one notebook
+executed (--notebook), as one table naming the device. Offline with Python 3.12: the official
+scripts import `asyncore` and `imp` (unused; gone in 3.12): the drivers stand in for them; carry
+the wheels of scikit-image, tensorboardX, pyyaml (and what they need) for the official code, and
+nbclient, nbformat, ipykernel for the notebook.
 
 Step times are medians over --iters iterations after --warmup, of bm.train_step itself (the
 function the training loop calls). The parts of a self-training iteration (teacher forward,
@@ -254,6 +263,11 @@ class Compose:  # all the official scripts take from torchvision
         return x
 sys.modules["torchvision"] = types.SimpleNamespace(transforms=types.SimpleNamespace(Compose=Compose))
 sys.path.insert(0, os.getcwd())
+for name in ("asyncore", "imp"):  # imported by the official scripts, never used; gone in 3.12
+    try:
+        __import__(name)
+    except ImportError:
+        sys.modules[name] = types.SimpleNamespace(write=print)
 """  # the start of both drivers
 
 DRIVER = DRIVER_PRELUDE + """
@@ -600,6 +614,73 @@ def run_once(folder, start, train):
     return json.loads(done.read_text())["wall_s"]
 
 
+NOTEBOOK_ITERS = re.compile(r"^(\w*iters\w*) = \d+", re.M)  # the literals CI shrinks
+
+
+def run_notebook(name, shrink=False):
+    """Seconds to execute notebooks/<name>.ipynb headless in a copy (iteration literals set to 4
+    with `shrink`); the committed notebook is not touched."""
+    import nbformat
+    from nbclient import NotebookClient
+    nb = nbformat.read(Path(__file__).parent / "notebooks" / f"{name}.ipynb", as_version=4)
+    for c in nb.cells:
+        if shrink and c.cell_type == "code":
+            c.source = NOTEBOOK_ITERS.sub(lambda m: f"{m.group(1)} = 4", c.source)
+    t = time.time()
+    NotebookClient(nb, timeout=1800, kernel_name="python3",
+                   resources={"metadata": {"path": str(Path(__file__).parent)}}).execute()
+    return time.time() - t
+
+
+def gpu_check(a):
+    """One table for a GPU (module docstring): the LA preset's step on synthetic volumes, the
+    official LA script's with --official, a notebook. -> the table's rows {what: value}."""
+    device = bm.pick_device(a.device)
+    cuda = device.type == "cuda"
+    work = Path(a.work or tempfile.mkdtemp(prefix="bcp_gpu_check_"))
+    rows = {"device": torch.cuda.get_device_name(device) if cuda else cpu_info(),
+            "torch, Python": f"{torch.__version__}, {platform.python_version()}",
+            "--amp auto picks": bm.PRECISION[bm.amp_dtype("auto", device)]}
+    cfg = bm.make_config("LA", patch=tuple(a.patch), device=str(device), amp="auto")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    steps = bench_steps(make_run(cfg, device, None), device, a.iters, a.warmup)
+    pre, self_ = steps["pretrain_s_per_it"], steps["selftrain_s_per_it"]
+    net = f"{cfg.patch}, batch {cfg.batch_size}, --top-convs {cfg.top_convs} --skip {cfg.skip}"
+    rows[f"bcp_minimal LA step ({net}), pre / self"] = f"{1 / pre:.2f} / {1 / self_:.2f} it/s"
+    peak = (torch.cuda.max_memory_allocated(device) / 2**30 if cuda else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    rows["peak memory" + ("" if cuda else " (process RSS)")] = f"{peak:.1f} GB"
+    total = (cfg.pretrain_iters * pre + cfg.selftrain_iters * self_) / 60
+    rows["the paper's 2 000 + 15 000 iterations, projected"] = f"{total:.0f} min"
+    if a.official:
+        sys.path.insert(0, str(Path(__file__).parent / "data_samples"))
+        from make_samples import make_sample_data
+        data = make_sample_data(work / "data", n_train=8, n_test=2, n_val=0,
+                                shape=tuple(p + 16 for p in a.patch), seed=0)
+        code = work / "official"
+        patch_official(a.official, code)
+        env = {**os.environ, "BCP_DEVICE": device.type, "BCP_PATCH": ",".join(map(str, a.patch))}
+        subprocess.run([sys.executable, "driver.py", "--root_path", str(data.resolve()),
+                        "--labelnum", "4", "--max_samples", "8", "--pre_max_iteration",
+                        str(a.warmup + a.iters), "--self_max_iteration",
+                        str(a.warmup + a.iters), "--seed", "1337"], cwd=code, env=env, check=True)
+        times = json.loads((code / "times.json").read_text())
+        theirs = [steady(s) for s in official_stamps(code / "log.txt")]
+        theirs = [t if t is not None else times[k] / (a.warmup + a.iters)
+                  for t, k in zip(theirs, ("pretrain_s", "selftrain_s"))]
+        rows["official LA_BCP_train.py step (V-Net, fp32), pre / self"] = (
+            f"{1 / theirs[0]:.2f} / {1 / theirs[1]:.2f} it/s")
+        rows["bcp_minimal / official time per iteration, pre / self"] = (
+            f"{pre / theirs[0]:.2f}x / {self_ / theirs[1]:.2f}x")
+    if a.notebook:
+        rows[f"notebook {a.notebook} executed" + (" (iterations 4)" if a.iters < 5 else "")] = (
+            f"{run_notebook(a.notebook, shrink=a.iters < 5):.0f} s")
+    print("\n| GPU check | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows.items()))
+    (work / "gpu_check.json").write_text(json.dumps(rows, indent=2))
+    return rows
+
+
 def side_by_side(a):
     """Train the official code and bcp_minimal one after the other; score both the same way."""
     work = Path(a.work or tempfile.mkdtemp(prefix="bcp_side_by_side_"))
@@ -725,7 +806,10 @@ def main(argv=None):
     p.add_argument("--eval-patch", type=int, nargs=3, default=[112, 112, 80])
     p.add_argument("--eval-stride", type=int, nargs=3, default=[18, 18, 4])
     p.add_argument("--metrics", action="store_true", help="hd95/asd vs medpy on --eval-root")
-    p.add_argument("--gpu-check", action="store_true", help="add the paper schedule's time")
+    p.add_argument("--gpu-check", action="store_true", help="one table for a GPU: the LA "
+                   "preset's step, the official's with --official, --notebook (docstring)")
+    p.add_argument("--notebook", default="02_copy_paste", help="--gpu-check: the notebook run "
+                   "('' for none)")
     p.add_argument("--json", help="also write the results to this file")
     side = p.add_argument_group("side by side with the official code")
     side.add_argument("--official", help="checkout of the official BCP repository (side by side)")
@@ -752,6 +836,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.networks:
         return bench_networks(a)
+    if a.gpu_check:
+        return gpu_check(a)
     if a.curve or a.official or a.side_by_side:
         if not a.root:
             p.error(f"{'--curve' if a.curve else '--official'} needs --root (LA_half in the "
@@ -786,11 +872,6 @@ def main(argv=None):
         res["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
     else:
         res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    if a.gpu_check:
-        s = res["steps"]
-        res["paper_schedule_min"] = (cfg.pretrain_iters * s["pretrain_s_per_it"]
-                                     + cfg.selftrain_iters * s["selftrain_s_per_it"]) / 60
-        res["selftrain_it_per_s"] = 1 / s["selftrain_s_per_it"]
     if a.eval_root:
         res["sliding_window_s"] = bench_eval(a.eval_root, a.eval_patch, a.eval_stride, a.width,
                                              device)
