@@ -10,24 +10,26 @@ import numpy as np
 import torch
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 import bcp_minimal as bm
 
 SOURCE = ListedColormap(["none", "limegreen", "orange"])  # 1 ground truth, 2 pseudo-label
 
 
-def plot_slices(image, overlays: dict | None = None, center=None, title: str = ""):
+def plot_slices(image, overlays: dict | None = None, center=None, title: str = "", truth=None):
     """A matplotlib Figure: one row per entry (image alone, then each overlay on the image),
-    three orthogonal slices through `center` (default: the first overlay's centre of mass).
+    three orthogonal slices through `center` (default: the centre of mass of `truth`, else of
+    the first overlay).
 
-    overlays maps a row name to an integer/boolean volume of the image's shape. Built without
-    pyplot, so it neither changes the backend nor needs a display.
+    overlays maps a row name to an integer/boolean volume of the image's shape. truth: a volume
+    (the ground truth) outlined in cyan on every row, so each overlay reads against it. Built
+    without pyplot, so it neither changes the backend nor needs a display.
     """
-    from matplotlib.figure import Figure
-
     overlays = overlays or {}
     if center is None:
-        first = next(iter(overlays.values()), None)
+        first = truth if truth is not None else next(iter(overlays.values()), None)
         center = ([int(i.mean()) for i in np.nonzero(first)] if first is not None and first.any()
                   else [s // 2 for s in image.shape])
     rows = [("image", None)] + list(overlays.items())
@@ -40,13 +42,17 @@ def plot_slices(image, overlays: dict | None = None, center=None, title: str = "
                 sl = np.take(np.asarray(vol), center[axis], axis=axis)
                 ax.imshow(np.ma.masked_equal(sl, 0).T, cmap="autumn", alpha=0.6, origin="lower",
                           vmin=0, vmax=max(int(np.max(vol)), 1))
+            if truth is not None and np.take(truth, center[axis], axis=axis).any():
+                ax.contour(np.take(np.asarray(truth, float), center[axis], axis=axis).T,
+                           levels=[0.5], colors="cyan", linewidths=1)
             ax.set_title(f"{name}, {'xyz'[axis]} = {center[axis]}", fontsize=8)
             ax.axis("off")
+    if truth is not None:
+        title = (f"{title}: " if title else "") + "ground truth outlined in cyan"
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97 if title else 1))
     return fig
-
 
 
 def _z(M, y=None):
@@ -144,4 +150,124 @@ def show_classes(batch, i=0, title=""):
             ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+# The distribution gap (paper Fig. 5): features of labeled vs unlabeled pixels ------------------
+
+@torch.no_grad()
+def pixel_features(model, images, labels, cls, n=500, seed=0):
+    """Per-pixel features before the model's last 1x1 convolution (its head's input), of the
+    pixels where prediction = ground truth = `cls`, n of them drawn at random: the official
+    code/KDE_demo.py's choice. images, labels: lists of 2-D slices or 3-D volumes whose sides
+    divide by 16 (resize or pad first). The ground truth only picks pixels, as in KDE_demo.
+    -> (n, C) numpy (fewer where fewer pixels qualify)."""
+    model.eval()
+    device = next(model.parameters()).device
+    kept, grab = [], {}
+    hook = model.head.register_forward_hook(lambda m, i, o: grab.update(x=i[0]))
+    try:
+        for image, label in zip(images, labels):
+            x = torch.as_tensor(image, dtype=torch.float32, device=device)[None, None]
+            pred = model(x).argmax(1)[0].cpu()
+            feats = grab["x"][0].float().cpu()  # (C, *S)
+            ok = (pred == cls) & (torch.as_tensor(np.asarray(label)) == cls)
+            kept.append(feats[:, ok].T)  # (pixels, C)
+    finally:
+        hook.remove()
+    f = torch.cat(kept) if kept else torch.zeros(0, 1)
+    pick = torch.randperm(len(f), generator=torch.Generator().manual_seed(seed))[:n]
+    return f[pick].numpy()
+
+
+def frechet_distance(a, b):
+    """Fréchet distance between Gaussians fitted to feature sets a (n, C) and b (m, C), on all
+    channels: |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) (as FID). 0: the same
+    mean and covariance."""
+    from scipy import linalg
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    sa, sb = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    root = linalg.sqrtm(sa @ sb).real
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa + sb - 2 * root))
+
+
+def show_gap(feature_sets: dict, title=""):
+    """Paper Fig. 5: for each model, kernel densities of the channel-mean feature of labeled
+    (blue) and unlabeled (orange) pixels of one class, and the Fréchet distance of the two sets
+    on all channels. feature_sets: {model name: (labeled (n, C), unlabeled (m, C))}."""
+    from scipy.stats import gaussian_kde
+    fig = Figure(figsize=(4.2 * len(feature_sets), 3.2))
+    axes = np.atleast_1d(fig.subplots(1, len(feature_sets)))
+    for ax, (name, (fl, fu)) in zip(axes, feature_sets.items()):
+        ml, mu = fl.mean(1), fu.mean(1)
+        grid = np.linspace(min(ml.min(), mu.min()), max(ml.max(), mu.max()), 200)
+        for v, label, color in ((ml, "labeled", "tab:blue"), (mu, "unlabeled", "tab:orange")):
+            ax.plot(grid, gaussian_kde(v)(grid), color=color, label=f"{label} ({len(v)} px)")
+        ax.set_title(f"{name}: Fréchet distance {frechet_distance(fl, fu):.3f}", fontsize=9)
+        ax.set_xlabel("feature before the last 1x1 conv, mean over channels", fontsize=8)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+# The mask, and errors against the ground truth ---------------------------------------------
+
+MASK = ListedColormap(["#e6550d", "#9ecae1"])  # M = 0 (the box) orange, M = 1 light blue
+MASK_LEGEND = [Patch(color="#9ecae1", label="M = 1: the outer image's voxels"),
+               Patch(color="#e6550d", label="M = 0, the box: the inner image's voxels")]
+
+
+def show_masks(masks: dict, axis=2, title=""):
+    """One panel per mask: its slice across `axis` through the middle of the box (M = 1 light
+    blue, the box of zeros orange, the crop framed in black), the share of zeros in its title,
+    one legend. masks: {panel name: M (*S) tensor or array}."""
+    fig = Figure(figsize=(2.6 * len(masks), 3.6))
+    axes = np.atleast_1d(fig.subplots(1, len(masks)))
+    for ax, (name, M) in zip(axes, masks.items()):
+        M = np.asarray(M.cpu() if torch.is_tensor(M) else M)
+        at = int(np.nonzero(M == 0)[axis].mean()) if (M == 0).any() else M.shape[axis] // 2
+        ax.imshow(np.take(M, at, axis=axis).T, cmap=MASK, vmin=0, vmax=1, origin="lower",
+                  interpolation="nearest")
+        ax.set_title(f"{name}, {'xyz'[axis]} = {at}\nzeros: {(M == 0).mean():.1%} of the crop",
+                     fontsize=8)
+        ax.set_xticks([]), ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set_color("black")
+    fig.legend(handles=MASK_LEGEND, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.9 if title else 1))
+    return fig
+
+
+ERRORS = ListedColormap(["none", "gold", "red", "royalblue"])  # correct, false +, missed
+ERRORS_LEGEND = [Patch(color="gold", label="predicted and true"),
+                 Patch(color="red", label="predicted, not true (false positive)"),
+                 Patch(color="royalblue", label="true, not predicted (missed)"),
+                 Line2D([], [], color="cyan", label="ground truth (outline)")]
+
+
+def show_errors(image, gt, preds: dict, z=None, title=""):
+    """One panel per prediction on the z slice `z` (default: through the centre of `gt`):
+    voxels predicted and true gold, false positives red, missed voxels blue, the ground truth
+    outlined in cyan; Dice of the whole volume in the title. preds: {name: volume}."""
+    gt = np.asarray(gt, bool)
+    z = int(np.nonzero(gt)[2].mean()) if z is None else z
+    fig = Figure(figsize=(2.5 * len(preds), 3.3))
+    axes = np.atleast_1d(fig.subplots(1, len(preds)))
+    for ax, (name, p) in zip(axes, preds.items()):
+        p = np.asarray(p, bool)
+        kind = np.select([p & gt, p & ~gt, ~p & gt], [1, 2, 3], 0)[:, :, z]
+        ax.imshow(image[:, :, z].T, cmap="gray", origin="lower")
+        ax.imshow(np.ma.masked_equal(kind, 0).T, cmap=ERRORS, vmin=0, vmax=3, alpha=0.75,
+                  origin="lower", interpolation="nearest")
+        if gt[:, :, z].any():
+            ax.contour(gt[:, :, z].T.astype(float), levels=[0.5], colors="cyan", linewidths=0.8)
+        ax.set_title(f"{name}\nDice {bm.dice(p, gt):.3f}", fontsize=8)
+        ax.axis("off")
+    fig.legend(handles=ERRORS_LEGEND, loc="lower center", ncol=4, fontsize=7, frameon=False)
+    fig.suptitle(title or f"z = {z}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.93))
     return fig
