@@ -145,3 +145,62 @@ def show_classes(batch, i=0, title=""):
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+# The distribution gap (paper Fig. 5): features of labeled vs unlabeled pixels ------------------
+
+@torch.no_grad()
+def pixel_features(model, images, labels, cls, n=500, seed=0):
+    """Per-pixel features before the model's last 1x1 convolution (its head's input), of the
+    pixels where prediction = ground truth = `cls`, n of them drawn at random: the official
+    code/KDE_demo.py's choice. images, labels: lists of 2-D slices or 3-D volumes whose sides
+    divide by 16 (resize or pad first). The ground truth only picks pixels, as in KDE_demo.
+    -> (n, C) numpy (fewer where fewer pixels qualify)."""
+    model.eval()
+    device = next(model.parameters()).device
+    kept, grab = [], {}
+    hook = model.head.register_forward_hook(lambda m, i, o: grab.update(x=i[0]))
+    try:
+        for image, label in zip(images, labels):
+            x = torch.as_tensor(image, dtype=torch.float32, device=device)[None, None]
+            pred = model(x).argmax(1)[0].cpu()
+            feats = grab["x"][0].float().cpu()  # (C, *S)
+            ok = (pred == cls) & (torch.as_tensor(np.asarray(label)) == cls)
+            kept.append(feats[:, ok].T)  # (pixels, C)
+    finally:
+        hook.remove()
+    f = torch.cat(kept) if kept else torch.zeros(0, 1)
+    pick = torch.randperm(len(f), generator=torch.Generator().manual_seed(seed))[:n]
+    return f[pick].numpy()
+
+
+def frechet_distance(a, b):
+    """Fréchet distance between Gaussians fitted to feature sets a (n, C) and b (m, C), on all
+    channels: |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) (as FID). 0: the same
+    mean and covariance."""
+    from scipy import linalg
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    sa, sb = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    root = linalg.sqrtm(sa @ sb).real
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa + sb - 2 * root))
+
+
+def show_gap(feature_sets: dict, title=""):
+    """Paper Fig. 5: for each model, kernel densities of the channel-mean feature of labeled
+    (blue) and unlabeled (orange) pixels of one class, and the Fréchet distance of the two sets
+    on all channels. feature_sets: {model name: (labeled (n, C), unlabeled (m, C))}."""
+    from scipy.stats import gaussian_kde
+    fig = Figure(figsize=(4.2 * len(feature_sets), 3.2))
+    axes = np.atleast_1d(fig.subplots(1, len(feature_sets)))
+    for ax, (name, (fl, fu)) in zip(axes, feature_sets.items()):
+        ml, mu = fl.mean(1), fu.mean(1)
+        grid = np.linspace(min(ml.min(), mu.min()), max(ml.max(), mu.max()), 200)
+        for v, label, color in ((ml, "labeled", "tab:blue"), (mu, "unlabeled", "tab:orange")):
+            ax.plot(grid, gaussian_kde(v)(grid), color=color, label=f"{label} ({len(v)} px)")
+        ax.set_title(f"{name}: Fréchet distance {frechet_distance(fl, fu):.3f}", fontsize=9)
+        ax.set_xlabel("feature before the last 1x1 conv, mean over channels", fontsize=8)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
