@@ -100,20 +100,21 @@ class UNet(nn.Module):
 def bcp_mask(spatial_shape, beta=2 / 3, center=False, generator=None, device=None, shape="box"):
     """The mask M (float, `spatial_shape`): 1 except a 0-box of int(s * beta) voxels per axis,
     its corner uniform in [0, s - size) as the official code (whose range is hard-coded for its
-    112 x 112 x 80 patch). Ablations of the box's shape (paper Table 6), each with the box's
-    share of zeros: "cubes", cubes of s // 8 per axis at random places until they cover it;
-    "slab", all of every axis but one (drawn at random), a slab of that share across it."""
+    112 x 112 x 80 patch); center=True: the paper's "zero-centred" box. The paper's other shapes
+    (Table 6; the official random_mask, concate_mask / contact_mask), about the box's share of
+    zeros: "cubes", a 3 x 3 (x 3) grid, one block of int(s * beta / 3) per cell at a random place
+    in it; "slab", all of every axis but one (3-D: z, 2-D: x), across it that share of s."""
     S, draw = tuple(spatial_shape), lambda n: int(torch.randint(0, n, (1,), generator=generator))
     M, sizes = torch.ones(S, device=device), [int(s * beta) for s in S]
     if shape == "cubes":
-        side = [max(s // 8, 1) for s in S]
-        while int((M == 0).sum()) < math.prod(sizes):
-            corner = [draw(s - c + 1) for s, c in zip(S, side)]
-            M[tuple(slice(a, a + c) for a, c in zip(corner, side))] = 0
+        cell, side = [s // 3 for s in S], [max(int(s * beta / 3), 1) for s in S]
+        for idx in itertools.product(range(3), repeat=len(S)):  # one block per grid cell
+            corner = [i * c + draw(c - k + 1) for i, c, k in zip(idx, cell, side)]
+            M[tuple(slice(a, a + k) for a, k in zip(corner, side))] = 0
         return M
-    if shape == "slab":  # e.g. 3-D, beta = 2/3: 8/27 of one axis (the paper's "contact" mask)
-        axis, share = draw(len(S)), math.prod(sizes) / math.prod(S)
-        sizes = [max(round(s * share), 1) if i == axis else s for i, s in enumerate(S)]
+    if shape == "slab":  # 3-D, beta = 2/3: 8/27 of z (the paper's "contact" mask)
+        axis, share = len(S) - 1 if len(S) == 3 else 0, math.prod(sizes) / math.prod(S)
+        sizes = [max(int(s * share), 1) if i == axis else s for i, s in enumerate(S)]
     box = []
     for s, size in zip(S, sizes):  # size < s for beta < 1: the range below is never empty
         start = (s - size) // 2 if center or size == s else draw(s - size)
@@ -217,28 +218,25 @@ def largest_per_class(lab, num_classes):
 
 # 5. One BCP step. The notebooks draw these same batches -------------------------------------
 
-def step_mask(cfg, g, device, copy_paste=True):
-    """This step's M (*P): cfg.mask_shape's, or all ones without copy-paste (each image as is)."""
-    if not copy_paste:
-        return torch.ones(cfg.patch, device=device)
-    return bcp_mask(cfg.patch, cfg.beta, cfg.mask_center, g, device, cfg.mask_shape)
-
 def pretrain_batch(lab, cfg, g):
     """Stage 1, labeled copy-paste: x = x_a M + x_b (1 - M), labels alike (--pretrain-mix false:
-    M = 1, x = x_a). Deviation: the official sampler pairs distinct cases; here a case can be
-    pasted into itself when the labeled cases are fewer than, or no multiple of, batch_size/2."""
+    x_a into itself, a plain crop, the same draws). Deviation: the official sampler pairs distinct
+    cases; here a case can meet itself when the labeled cases are fewer than, or no multiple of,
+    batch_size/2."""
     x, y = lab.batch(lab.draw(cfg.batch_size // 2))  # (2h, 1, *P), (2h, *P)
     h = len(x) // 2
-    M = step_mask(cfg, g, x.device, cfg.pretrain_mix)  # (*P)
-    return {"x": mix(x[:h], x[h:], M), "y": mix(y[:h], y[h:], M), "M": M}
+    b = slice(h, None) if cfg.pretrain_mix else slice(None, h)  # x_b, or x_a again
+    M = bcp_mask(cfg.patch, cfg.beta, cfg.mask_center, g, x.device, cfg.mask_shape)  # (*P)
+    return {"x": mix(x[:h], x[b], M), "y": mix(y[:h], y[b], M), "M": M}
 
 # Self-training's two mixes, mix(outer, inner, M), one per forward, for each --direction (paper
 # Table 4). x: labeled crops (ground truth y, weight 1); u: unlabeled (pseudo-labels p, alpha).
+# "none" pastes each crop into itself: plain crops, the same region-split loss and weights.
 DIRECTIONS = {"both": (("x_a", "u_a"), ("u_b", "x_b")),  # X_in, X_out: the paper
               "in": (("x_a", "u_a"), ("x_b", "u_b")),  # X_in twice
               "out": (("u_a", "x_a"), ("u_b", "x_b")),  # X_out twice
               "within": (("x_a", "x_b"), ("u_a", "u_b")),  # each kind into its own kind
-              "none": (("x_a", "x_b"), ("u_a", "u_b"))}  # M = 1: x_a and u_a as they are
+              "none": (("x_a", "x_a"), ("u_a", "u_a"))}  # no copy-paste: a Mean Teacher
 
 @torch.no_grad()
 def selftrain_batch(lab, unl, teacher, cfg, g):
@@ -248,14 +246,15 @@ def selftrain_batch(lab, unl, teacher, cfg, g):
     x, y = lab.batch(lab.draw(cfg.batch_size // 2))  # labeled (2h, 1, *P), (2h, *P)
     u, _ = unl.batch(unl.draw(cfg.batch_size // 2))  # unlabeled (labels: None, never held)
     h = len(x) // 2
-    teacher.train()  # official: a train-mode teacher (BatchNorm of the batch), each half alone
+    teacher.train()  # official: a train-mode teacher (BatchNorm of the batch, dropout on), two
+    # forwards of h images (BatchNorm statistics per half)
     p = torch.cat([pseudo_label(teacher(u[:h]), cfg.pseudo_lcc),
                    pseudo_label(teacher(u[h:]), cfg.pseudo_lcc)])  # (2h, *P)
-    M = step_mask(cfg, g, x.device, cfg.direction != "none")  # (*P)
+    M = bcp_mask(cfg.patch, cfg.beta, cfg.mask_center, g, x.device, cfg.mask_shape)  # (*P)
     crops = {"x_a": (x[:h], y[:h], 1.0), "x_b": (x[h:], y[h:], 1.0),  # (image, target, weight)
              "u_a": (u[:h], p[:h], cfg.alpha), "u_b": (u[h:], p[h:], cfg.alpha)}
     b = {"M": M, "y_a": y[:h], "y_b": y[h:], "p_a": p[:h], "p_b": p[h:]}
-    for name, (outer, inner) in zip(("in", "out"), DIRECTIONS[cfg.direction]):
+    for name, (outer, inner) in zip(("in", "out"), DIRECTIONS[cfg.direction]):  # 1st, 2nd mix
         (xo, yo, wo), (xi, yi, wi) = crops[outer], crops[inner]
         b[f"x_{name}"], b[f"y_{name}"] = mix(xo, xi, M), mix(yo, yi, M)
         b[f"targets_{name}"] = (yo, yi, wo, wi)
@@ -291,7 +290,7 @@ def train_step(run, stage):
     (run.scaler.scale(loss) if run.scaler else loss).backward()  # scaler: fp16 on older GPUs
     for p in run.model.parameters() if run.world > 1 else []:  # torchrun: the mean gradient
         torch.distributed.all_reduce(p.grad)  # (no SyncBatchNorm: each process normalises its
-        p.grad /= run.world  # own forwards of 2 images, as the official single-GPU code does)
+        p.grad /= run.world  # own forwards of batch_size/4 images, as the official 1-GPU code)
     run.scaler.step(run.optimizer) if run.scaler else run.optimizer.step()
     if run.scaler:
         run.scaler.update()
@@ -315,7 +314,8 @@ class Config:
     pretrain_iters: int = _f(200, "stage 1 iterations (labeled copy-paste)")
     selftrain_iters: int = _f(600, "stage 2 iterations (BCP self-training)")
     patch: tuple = _f((32, 32, 32), "training crop X Y Z (2-D: X Y), sides multiples of 16")
-    batch_size: int = _f(8, "crops per iteration: half labeled, half unlabeled")
+    batch_size: int = _f(8, "crops drawn per iteration: half labeled, half unlabeled (stage 1, "
+                         "sup: the labeled half)")
     width: int = _f(8, "U-Net base width (channels of the first level)")
     top_convs: int = _f(2, "convolutions per full-resolution block: 2, or 1 (V-Net)", [1, 2])
     skip: str = _f("concat", "skip connections: concat, or add (V-Net)", ["concat", "add"])
@@ -333,9 +333,9 @@ class Config:
     mask_shape: str = _f("box", "ablation, paper Table 6: the mask's zeros as a box, small cubes,"
                          " or a slab", ["box", "cubes", "slab"])
     direction: str = _f("both", "ablation, paper Table 4: copy-paste both ways, in, out, within "
-                        "each kind, or none (DIRECTIONS)", list(DIRECTIONS))
+                        "each kind, or none", list(DIRECTIONS))
     pretrain_mix: bool = _f(True, "copy-paste in pre-training (ablation, paper Table 9)")
-    ema_decay: float = _f(0.99, "Mean-Teacher EMA decay, one EMA step per iteration")
+    ema_decay: float = _f(0.99, "Mean-Teacher EMA decay (the paper's lambda), every iteration")
     pseudo_lcc: bool = _f(True, "keep the largest component of pseudo-labels (official)")
     lr: float = _f(0.01, "SGD learning rate; momentum 0.9, weight decay 1e-4 (official)")
     lr_step: int = _f(2500, "self-training lr x0.1 every N iterations (official LA: 2500)")
@@ -343,7 +343,7 @@ class Config:
     eval_split: str = _f("test", "NAME.list scored after training and by --eval (none: none)")
     eval_stride: tuple = _f((16, 16, 16), "sliding-window stride X Y Z at evaluation")
     eval_lcc: bool = _f(True, "keep the largest component of the prediction (official)")
-    eval_model: str = _f("student", "weights scored: student, teacher, or both (mean softmax)",
+    eval_model: str = _f("student", "weights scored: student, teacher, ensemble (mean softmax)",
                          ["student", "teacher", "ensemble"])
     eval_tta: bool = _f(False, "test-time augmentation: 4 mirror images in x, y (official: none)")
     device: str = _f("auto", "auto (cuda, mps, then cpu) | cpu | cuda | mps")
@@ -571,8 +571,9 @@ def train(cfg, state=None, progress=True, on_log=None):
         torch.set_rng_state(t_state)
         done = (state["stage"], state["iter"])
         if (out / "log.csv").is_file():  # keep the log up to the checkpoint, re-log the rest
-            rows = [r for r in csv.DictReader(open(out / "log.csv")) if (names.index(
-                r["stage"]), int(r["iter"])) <= (names.index(done[0]), done[1])]
+            with open(out / "log.csv") as f:
+                rows = [r for r in csv.DictReader(f) if (names.index(r["stage"]), int(r["iter"]))
+                        <= (names.index(done[0]), done[1])]
     if lead:
         with open(out / "log.csv.tmp", "w", newline="") as f:  # atomic, as the checkpoints
             csv.DictWriter(f, LOG_FIELDS).writerows([dict(zip(LOG_FIELDS, LOG_FIELDS))] + rows)
@@ -823,7 +824,7 @@ def cli(argv):
     data = known.data or (known.root and gd.dataset_defaults(known.root)[0]) or "sample"
     base = make_config(data, **({"root": known.root} if known.root else {}))
     p = argparse.ArgumentParser(description="Bidirectional Copy-Paste (BCP, CVPR 2023): semi-"
-                                "supervised segmentation of 3-D volumes (LA) and 2-D slices (ACDC)."
+                                "supervised segmentation of 3-D (LA, CT) and 2-D (ACDC) images."
                                 f" Defaults: --data {data}'s (`--data NAME --help`: another's).")
     for f in dataclasses.fields(Config):  # given flags are not None: told apart from defaults
         kw = (dict(type=f.metadata["type"], nargs="+") if isinstance(f.default, tuple)

@@ -1,6 +1,6 @@
 """The data side of bcp_minimal: layouts, reading and writing cases and scans, normalising,
 resampling, splits, the training crop sampler, and getting the real data. It imports no project
-file; bcp_minimal.py imports it (the method never reads a file itself).
+file; bcp_minimal.py imports it (the method reads no data file itself).
 
     python get_data.py LA --root data/LA                        # the 100 preprocessed LA cases
     python get_data.py LA_half --src data/LA --root data/LA_half --val 10  # half resolution

@@ -39,10 +39,7 @@ WANT = {
 def test_each_direction_mixes_the_crops_labels_and_weights_it_names(direction):
     b = batch(direction)
     M = b["M"]
-    if direction == "none":  # no copy-paste: no box, each crop as it is
-        assert (M == 1).all()
-    else:
-        assert (M == 0).any() and (M == 1).any()
+    assert (M == 0).any() and (M == 1).any()  # the box is drawn in every variant
     for name, ((out_v, in_v), want) in zip(("in", "out"), WANT[direction]):
         x, y = b[f"x_{name}"][:, 0], b[f"y_{name}"]
         assert torch.equal(x, (out_v * M + in_v * (1 - M)).expand_as(x)), name
@@ -65,61 +62,78 @@ def test_stage_loss_hands_bcp_loss_each_mixes_targets_region_and_weights(monkeyp
     assert torch.allclose(loss, terms["loss_in"] + terms["loss_out"])
 
 
-def test_no_copy_paste_is_the_mean_teacher_loss_by_hand():
-    """--direction none: (CE + Dice) / 2 of the labeled crop against ground truth over the whole
-    crop, plus alpha times the same of the unlabeled crop against its pseudo-labels."""
+def test_no_copy_paste_pastes_each_crop_into_itself_with_the_same_weights():
+    """--direction none: x_a and u_a whole (a crop mixed with itself is itself), their own
+    targets in both regions, so the loss keeps BCP's form and total weight (1 + alpha per mix
+    side, as in X_in / X_out): only the copy-paste is gone."""
     b = batch("none")
-    q = torch.randn(2, 2, *P)
+    assert torch.equal(b["y_in"], b["y_a"]) and torch.equal(b["y_out"], b["p_a"])
     yo, yi, wo, wi = b["targets_in"]
-    got = bm.bcp_loss(q, yo, yi, b["M"], wo, wi)
-    assert torch.allclose(got, bm.seg_loss(q, b["y_a"]))
+    assert yo is yi and (wo, wi) == (1.0, 1.0)
     yo, yi, wo, wi = b["targets_out"]
-    got = bm.bcp_loss(q, yo, yi, b["M"], wo, wi)
-    assert torch.allclose(got, ALPHA * bm.seg_loss(q, b["p_a"]))
+    assert yo is yi and (wo, wi) == (ALPHA, ALPHA)
+
+
+def test_variants_see_the_same_crops_and_masks_as_bcp():
+    """Paired draws: without copy-paste the box is still drawn, so every variant's crops (and
+    its M) at each step are BCP's: only what is pasted where differs."""
+    outs = {d: [] for d in ("both", "none", "within")}
+    for d in outs:
+        lab, unl, g = samplers()
+        lab.images = [torch.full_like(im, float(i + 1)) for i, im in enumerate(lab.images)]
+        for _ in range(3):
+            outs[d].append(bm.selftrain_batch(lab, unl, Const(k=0), cfg(direction=d), g))
+    for a, b in zip(outs["both"], outs["none"]):
+        assert torch.equal(a["M"], b["M"]) and torch.equal(a["y_a"], b["y_a"])
+        xa = a["x_in"][:, 0] * a["M"]  # the labeled crop outside the box, as BCP saw it
+        assert torch.equal(xa, b["x_in"][:, 0] * a["M"])
+    assert all(torch.equal(a["M"], c["M"]) for a, c in zip(outs["both"], outs["within"]))
 
 
 def test_pretrain_without_copy_paste_feeds_the_first_labeled_crops_as_they_are():
-    g = torch.Generator().manual_seed(0)
-    lab, _, _ = samplers()
-    lab.images = [torch.full_like(im, float(i)) for i, im in enumerate(lab.images)]  # case i: i
-    on = bm.pretrain_batch(lab, cfg(), g)
-    off = bm.pretrain_batch(lab, cfg(pretrain_mix=False), g)
-    assert (off["M"] == 1).all() and (on["M"] == 0).any()
-    for i in range(2):  # each image one case, whole: a single value
+    def stage1(**kw):  # the same cases, crops and mask draws for both
+        lab, _, g = samplers()
+        lab.images = [torch.full_like(im, float(i)) for i, im in enumerate(lab.images)]
+        return bm.pretrain_batch(lab, cfg(**kw), g)
+    on, off = stage1(), stage1(pretrain_mix=False)
+    assert torch.equal(on["M"], off["M"])  # the same draws
+    for i in range(2):  # each image one case, whole: a single value, the outer one of the mix
         assert off["x"][i].unique().numel() == 1
+        assert torch.equal(off["x"][i] * on["M"], on["x"][i] * on["M"])
 
 
-@pytest.mark.parametrize("shape", [(32, 32, 32), (64, 48, 32), (128, 128)])
+@pytest.mark.parametrize("shape", [(48, 48, 32), (64, 48, 32), (128, 128)])
 @pytest.mark.parametrize("beta", [0.5, 2 / 3, 5 / 6])
-def test_mask_shapes_hold_the_boxs_share_of_zeros(shape, beta):
+def test_mask_shapes_as_the_official_random_and_contact_masks(shape, beta):
     g = torch.Generator().manual_seed(1)
     box = bm.bcp_mask(shape, beta, generator=g)
-    zeros = int((box == 0).sum())
+    share = int((box == 0).sum()) / box.numel()
+    side = [max(int(s * beta / 3), 1) for s in shape]
     for _ in range(5):
         cubes = bm.bcp_mask(shape, beta, generator=g, shape="cubes")
-        cube = 1
-        for s in shape:
-            cube *= max(s // 8, 1)
-        assert zeros <= int((cubes == 0).sum()) < zeros + cube  # stops once it covers the box's
+        zeros = int((cubes == 0).sum())
+        assert zeros == 3 ** len(shape) * torch.tensor(side).prod()  # one block per cell, apart
+        for idx in torch.nonzero(cubes == 0):  # each zero inside its cell
+            cellw = [s // 3 for s in shape]
+            assert all(int(i) < 3 * c for i, c in zip(idx, cellw))
         slab = bm.bcp_mask(shape, beta, generator=g, shape="slab")
+        axis = len(shape) - 1 if len(shape) == 3 else 0  # official LA: z; ACDC: the first axis
         zero_idx = torch.nonzero(slab == 0)
-        spans = [int(zero_idx[:, ax].max() - zero_idx[:, ax].min() + 1) for ax in range(len(shape))]
-        partial = [ax for ax, s in enumerate(spans) if s < shape[ax]]
-        assert len(partial) == 1  # every axis but one spanned whole
-        ax = partial[0]
-        assert spans[ax] == max(round(shape[ax] * zeros / box.numel()), 1)
-        assert int((slab == 0).sum()) == spans[ax] * box.numel() // shape[ax]
+        spans = [int(zero_idx[:, a].max() - zero_idx[:, a].min() + 1) for a in range(len(shape))]
+        assert spans == [int(s * share) if a == axis else s for a, s in enumerate(shape)]
+        assert int((slab == 0).sum()) == spans[axis] * box.numel() // shape[axis]
 
 
-def test_cubes_are_small_cubes_at_random_places():
+def test_cubes_are_placed_at_random_in_their_cells():
     g = torch.Generator().manual_seed(0)
-    a, b = (bm.bcp_mask((32, 32, 32), generator=g, shape="cubes") for _ in range(2))
+    a, b = (bm.bcp_mask((48, 48, 48), generator=g, shape="cubes") for _ in range(2))
     assert not torch.equal(a, b)
-    # the zeros are a union of 4-cubes (32 // 8): opening them with a 4-cube changes nothing
+    # the zeros are 27 blocks of 10^3 (48 * 2/3 / 3 = 10.67 -> 10): opening them with a
+    # 10-cube changes nothing
     z = (a == 0).float()[None, None]
-    eroded = -torch.nn.functional.max_pool3d(-z, 4, 1)  # 1 where a whole 4-cube is zero
-    opened = torch.nn.functional.max_pool3d(torch.nn.functional.pad(eroded, (3,) * 6), 4, 1)
-    assert torch.equal(opened, z)
+    eroded = -torch.nn.functional.max_pool3d(-z, 10, 1)  # 1 where a whole 10-cube is zero
+    opened = torch.nn.functional.max_pool3d(torch.nn.functional.pad(eroded, (9,) * 6), 10, 1)
+    assert torch.equal(opened, z) and int(eroded.sum()) == 27
 
 
 def test_default_flags_are_the_paper():
