@@ -1,6 +1,6 @@
 """Write the notebooks' set-up cell and Colab links, then execute every notebook in place.
 
-    python notebooks/build.py              # all five, about 15 min on a 2-core CPU
+    python notebooks/build.py              # all six, about 20 min on a 2-core CPU
     python notebooks/build.py 02 04        # only these
     python notebooks/build.py --links-only # rewrite set-up cells and Colab links, run nothing
 
@@ -10,7 +10,8 @@ REPO is the placeholder) are written from it. Publish the project, put its addre
 `--links-only`, commit.
 
 Each executed notebook keeps its outputs, so GitHub shows every figure without running
-anything, and records in its metadata the SHA-256 of its code cells and where it ran;
+anything, and records in its metadata the SHA-256 of its code cells, its time and where it ran
+(the title's "Runs in ..." line is written from that record);
 tests/test_notebooks.py fails when a notebook's code differs from the code that made its
 outputs. Real data is shown where the notebook finds it (data/LA_half, data/LA, data/ACDC, or
 the LA_ROOT / ACDC_ROOT variables).
@@ -75,6 +76,28 @@ def code_hash(nb) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+TIMING = re.compile(r"^\*Runs in .*\*$", re.M)  # the title's time line, written from the stamp
+
+
+def timing_line(seconds: float, ran_on: str) -> str:
+    """The title's first line: how long the notebook took here, in words and in seconds."""
+    s = round(seconds)
+    when = ("under a minute" if s < 60 else "about a minute" if s < 90
+            else f"about {round(s / 60)} minutes")
+    measured = f"(measured by `notebooks/build.py`: {s} s, {ran_on})"
+    if ran_on.startswith("CPU"):
+        return f"*Runs in {when} on a laptop CPU {measured}.*"
+    return f"*Runs in {when} on a GPU {measured}; longer on a laptop CPU.*"
+
+
+def write_timing(nb) -> None:
+    """Rewrite the title's time line from the notebook's stamp, so the two cannot disagree."""
+    stamp = nb.metadata.get("bcp_minimal", {})
+    if "seconds" in stamp:
+        line = timing_line(stamp["seconds"], stamp.get("ran_on", "CPU"))
+        nb.cells[0].source = TIMING.sub(lambda _: line, nb.cells[0].source, count=1)
+
+
 def write_links(nb, name: str) -> None:
     """The set-up cell (second cell) and the Colab badge of the title cell, from REPO."""
     nb.cells[1].source = SETUP.format(repo=REPO)
@@ -101,7 +124,10 @@ def machine() -> str:
                    if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    threads = os.environ.get("OMP_NUM_THREADS")  # and how busy the machine was at the start
+    threads = f", {threads} thread{'s' * (threads != '1')}" if threads else ""
+    return (f"CPU {cpu}, {os.cpu_count()} cores{threads}, load {os.getloadavg()[0]:.1f}, "
+            f"torch {torch.__version__}")
 
 
 def build(path: Path, execute: bool = True) -> float:
@@ -114,14 +140,15 @@ def build(path: Path, execute: bool = True) -> float:
         for cell in nb.cells:
             if cell.cell_type == "code":
                 cell.outputs, cell.execution_count = [], None
-        t0 = time.time()
+        t0, ran_on = time.time(), machine()
         nbclient.NotebookClient(nb, timeout=1800, kernel_name="python3", store_widget_state=True,
                                 resources={"metadata": {"path": str(HERE)}}).execute()
         seconds = time.time() - t0
         nb.metadata["bcp_minimal"] = {"code_sha256": code_hash(nb), "seconds": round(seconds),
-                                      "ran_on": machine()}
+                                      "ran_on": ran_on}
     elif "bcp_minimal" in nb.metadata:
         nb.metadata["bcp_minimal"]["code_sha256"] = code_hash(nb)  # links only: same code
+    write_timing(nb)
     nb.metadata.pop("widgets", None)
     nbformat.write(nb, path)
     return seconds
