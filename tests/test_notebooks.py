@@ -43,6 +43,28 @@ def test_committed_outputs_come_from_this_code(path):
     assert all(c.execution_count for c in code), f"{path.name}: a code cell was never run"
     assert images(nb) >= 1, f"{path.name} shows no figure"
     assert not any(o.get("output_type") == "error" for c in code for o in c.outputs)
+    assert build.timing_line(stamp["seconds"], stamp["ran_on"]) in nb.cells[0].source, (
+        f"{path.name}: the title's time is not the recorded {stamp['seconds']} s; run "
+        "`python notebooks/build.py --links-only`")
+
+
+WIDGET = "application/vnd.jupyter.widget-view+json"
+
+
+def widget_cells(nb):
+    """Code cells that show a widget (by their stored output or by calling ipywidgets)."""
+    return [c for c in nb.cells if c.cell_type == "code" and (
+        "widgets." in c.source or any(WIDGET in o.get("data", {}) for o in c.get("outputs", [])))]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_widget_cells_store_a_picture(path):
+    """GitHub drops widget state (build.py removes it too): a slider shows nothing there, so each
+    cell with a widget also stores a static image of what the widget shows."""
+    nb = nbformat.read(path, as_version=4)
+    for cell in widget_cells(nb):
+        assert any("image/png" in o.get("data", {}) for o in cell.outputs), (
+            f"{path.name}: the widget cell starting {cell.source[:60]!r} stores no image")
 
 
 def test_code_hash_sees_a_changed_cell():
