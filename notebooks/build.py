@@ -70,6 +70,16 @@ def colab_link(name: str, repo: str = REPO) -> str:
     return COLAB.format(owner_repo=owner_repo(repo), name=name)
 
 
+# `pretrain_iters = 200` and friends sit on their own lines so CI (and benchmark.py's GPU check
+# dry run) can shrink them.
+ITERS = re.compile(r"^(\w*iters\w*) = \d+", re.M)
+
+
+def shrink(source: str) -> str:
+    """A code cell with every iteration literal set to 4."""
+    return ITERS.sub(lambda m: f"{m.group(1)} = 4", source)
+
+
 def code_hash(nb) -> str:
     """SHA-256 of the notebook's code cells, in order: what its outputs were made by."""
     text = "\n# ---- cell ----\n".join(c.source for c in nb.cells if c.cell_type == "code")

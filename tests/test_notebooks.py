@@ -14,13 +14,8 @@ sys.path.insert(0, str(ROOT / "notebooks"))
 import build  # noqa: E402  (notebooks/build.py)
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-# `pretrain_iters = 200` and friends sit on their own lines so CI can shrink them.
-LITERAL = re.compile(r"^(\w*iters\w*) = \d+", re.M)
+LITERAL, shrink = build.ITERS, build.shrink  # iteration literals, and setting them to 4
 nbformat = pytest.importorskip("nbformat")
-
-
-def shrink(source: str) -> str:
-    return LITERAL.sub(lambda m: f"{m.group(1)} = 4", source)
 
 
 def images(nb) -> int:
