@@ -62,6 +62,44 @@ def test_stage_loss_hands_bcp_loss_each_mixes_targets_region_and_weights(monkeyp
     assert torch.allclose(loss, terms["loss_in"] + terms["loss_out"])
 
 
+# direction -> per mix (outer crop, inner crop), by hand from the paper's Table 4: x labeled,
+# u unlabeled, a / b the first / second half of the batch
+CROPS = {"both": (("x_a", "u_a"), ("u_b", "x_b")), "in": (("x_a", "u_a"), ("x_b", "u_b")),
+         "out": (("u_a", "x_a"), ("u_b", "x_b")), "within": (("x_a", "x_b"), ("u_a", "u_b")),
+         "none": (("x_a", "x_a"), ("u_a", "u_a"))}
+
+
+class ByValue(torch.nn.Module):
+    """A fake teacher whose pseudo-label is -(image value): crop u_i (value -i) -> class i."""
+
+    def forward(self, u):
+        return torch.nn.functional.one_hot((-u[:, 0]).long(), 6).movedim(-1, 1).float()
+
+
+@pytest.mark.parametrize("direction", list(CROPS))
+def test_each_direction_pastes_the_very_crops_it_names(direction):
+    """Every crop its own value (labeled 1..4 with label 1..4, unlabeled -1..-4 with
+    pseudo-label 1..4): a mix that took the other half's crop, or swapped outer and inner
+    within one kind, fails (the kind-level test above cannot see that)."""
+    lab, unl, g = samplers()
+    n = 4  # batch_size // 2 crops of each kind: halves a = 1, 2 and b = 3, 4
+    lab.batch = lambda idx: (torch.arange(1.0, n + 1).view(n, 1, 1, 1, 1).expand(n, 1, *P),
+                             torch.arange(1, n + 1).view(n, 1, 1, 1).expand(n, *P))
+    unl.batch = lambda idx: (-torch.arange(1.0, n + 1).view(n, 1, 1, 1, 1).expand(n, 1, *P), None)
+    b = bm.selftrain_batch(lab, unl, ByValue(), cfg(direction=direction, alpha=ALPHA,
+                                                  pseudo_lcc=False), g)
+    M = b["M"]
+    value = {"x_a": (1.0, 2.0), "x_b": (3.0, 4.0), "u_a": (-1.0, -2.0), "u_b": (-3.0, -4.0)}
+    for name, (outer, inner) in zip(("in", "out"), CROPS[direction]):
+        for i in range(2):
+            vo, vi = value[outer][i], value[inner][i]
+            assert torch.equal(b[f"x_{name}"][i, 0], vo * M + vi * (1 - M)), (name, i)
+            assert torch.equal(b[f"y_{name}"][i], (abs(vo) * M + abs(vi) * (1 - M)).long())
+            yo, yi, wo, wi = b[f"targets_{name}"]
+            assert (yo[i] == abs(vo)).all() and (yi[i] == abs(vi)).all(), (name, i)
+            assert (wo, wi) == tuple(1.0 if c[0] == "x" else ALPHA for c in (outer, inner))
+
+
 def test_no_copy_paste_pastes_each_crop_into_itself_with_the_same_weights():
     """--direction none: x_a and u_a whole (a crop mixed with itself is itself), their own
     targets in both regions, so the loss keeps BCP's form and total weight (1 + alpha per mix
