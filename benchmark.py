@@ -501,8 +501,17 @@ def curve(a):
         points.append({"run": run, "iter": it, **minutes,
                        "dice": bm.evaluate(net, cfg, progress=False)["dice"]})
         print(points[-1], flush=True)
+    reached = reach(points)
+    if reached.get("iter"):
+        print("bcp_minimal first reaches the official run's final val Dice {official_dice:.4f} "
+              "at iteration {iter} (official: {official_iter}): {iter_ratio:.2f}x the iterations"
+              .format(**reached) + (", {minutes_ratio:.2f}x the minutes".format(**reached)
+                                    if "minutes_ratio" in reached else ""))
+    elif reached:
+        print(f"bcp_minimal never reaches the official run's final val Dice "
+              f"{reached['official_dice']:.4f} in this curve")
     (work / "curve.json").write_text(json.dumps({"machine": cpu_info(), "threads": a.threads,
-                                                 "seed": a.seed, "data": a.data,
+                                                 "seed": a.seed, "data": a.data, "reach": reached,
                                                  "points": points}, indent=2))
     from matplotlib.figure import Figure
 
@@ -530,6 +539,25 @@ def curve(a):
     fig.savefig(work / "curve.png", dpi=110)
     print(f"\n{work / 'curve.json'}, {work / 'curve.png'}")
     return points
+
+
+def reach(points):
+    """Where bcp_minimal's curve first reaches the official run's final val Dice (its point at
+    the last iteration): -> {official_dice, official_iter, iter, iter_ratio (ours / official),
+    minutes_ratio (when both have minutes)}; {} without an official curve, None-valued iter
+    and ratios when bcp_minimal never reaches it."""
+    official = [p for p in points if p["run"] == "official"]
+    if not official:
+        return {}
+    last = max(official, key=lambda p: p["iter"])
+    ours = sorted((p for p in points if p["run"] == "bcp_minimal"), key=lambda p: p["iter"])
+    first = next((p for p in ours if p["dice"] >= last["dice"]), None)
+    out = {"official_dice": last["dice"], "official_iter": last["iter"],
+           "iter": first and first["iter"],
+           "iter_ratio": first and first["iter"] / last["iter"]}
+    if first and "minutes" in first and "minutes" in last:
+        out["minutes_ratio"] = first["minutes"] / last["minutes"]
+    return out
 
 
 def split_root(src, dst, n_val):

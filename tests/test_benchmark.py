@@ -268,3 +268,17 @@ def test_cpu_info_names_the_flags_and_what_amp_auto_picks(monkeypatch, vendor, a
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: "avx512_bf16" in flags,
                         raising=False)
     assert benchmark.cpu_info() == f"Some CPU, {os.cpu_count()} cores; {says}"
+
+
+def test_reach_finds_where_ours_first_meets_the_official_final_dice():
+    pts = [{"run": "official", "iter": 600, "minutes": 10.0, "dice": 0.70},
+           {"run": "official", "iter": 1800, "minutes": 30.0, "dice": 0.72},  # final: 0.72
+           {"run": "bcp_minimal", "iter": 1200, "minutes": 6.0, "dice": 0.73},
+           {"run": "bcp_minimal", "iter": 600, "minutes": 3.0, "dice": 0.71},
+           {"run": "bcp_minimal", "iter": 1800, "minutes": 9.0, "dice": 0.75}]
+    r = benchmark.reach(pts)
+    assert (r["official_dice"], r["official_iter"], r["iter"]) == (0.72, 1800, 1200)
+    assert r["iter_ratio"] == pytest.approx(1200 / 1800) and r["minutes_ratio"] == pytest.approx(6 / 30)
+    never = benchmark.reach([p for p in pts if p["run"] == "official" or p["dice"] < 0.72])
+    assert never["iter"] is None and "minutes_ratio" not in never
+    assert benchmark.reach([p for p in pts if p["run"] == "bcp_minimal"]) == {}
