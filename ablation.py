@@ -6,11 +6,13 @@ row of bcp_minimal runs that differ in one flag, all at one budget, scored on va
     python ablation.py --work runs/ablation --report                    # table + figure only
 
 Budget: the ACDC_cpu preset at 600 + 1 200 iterations (3 labeled patients unless --labels),
-no test-time augmentation, the final student scored on the 20 val.list volumes: about 20 min a
-run on 2 CPU cores in fp32. Each run is `python bcp_minimal.py ... --out WORK/<row>/s<seed>`:
-a finished run (its metrics.json) is kept, a killed one resumed (--resume), so the command can
-be stopped and started again; the table is printed and written (WORK/table.md, table.json,
-figure.png) after every run. --jobs 2 runs two at a time, one thread each.
+no test-time augmentation, the final student scored on the 20 val.list volumes: about 30 min a
+run in fp32 at one thread, two side by side on a 2-core AMD EPYC. Each run is
+`python bcp_minimal.py ... --out WORK/<row>/s<seed>`: a finished run (its metrics.json) is
+kept, a killed one resumed (--resume), so the command can be stopped and started again; the table is printed and written (WORK/table.md, table.json,
+figure.png) after every run. --jobs 2 runs two at a time, one thread each. docs/ablation/
+holds the metrics.json of the runs behind the README's table: `--work docs/ablation --report`
+rewrites it; copy docs/ablation into WORK and the grid goes on from there.
 
 The rule, fixed before any run and printed with the table: a row is called better or worse
 than "both" (BCP as the paper) only where the two means differ by more than the larger of the
@@ -179,7 +181,8 @@ def main(argv=None):
     p.add_argument("--work", default="runs/ablation", help="where the runs and the table go")
     p.add_argument("--labels", action="store_true", help="label efficiency: 1, 3, 7 labeled "
                    "patients, BCP and supervised only, 2 seeds")
-    p.add_argument("--rows", nargs="+", help="only these rows (default: all)")
+    p.add_argument("--rows", nargs="+", help="only these rows, run in this order (default: "
+                   "all); the table keeps its own order")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each if > 1)")
     p.add_argument("--report", action="store_true", help="write the table from finished runs")
     p.add_argument("--extra", default="", help="flags added to every run (e.g. a tiny budget)")
@@ -188,7 +191,8 @@ def main(argv=None):
     if a.report:
         report(rows, a)
         return 0
-    todo = [(r, s) for r, s in plan(rows) if dice_of(Path(a.work) / r[0] / f"s{s}") is None]
+    order = sorted(rows, key=lambda r: a.rows.index(r[0])) if a.rows else rows
+    todo = [(r, s) for r, s in plan(order) if dice_of(Path(a.work) / r[0] / f"s{s}") is None]
     env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if a.jobs > 1 else {})}
     running, failed = [], []
     while todo or running:
