@@ -6,13 +6,14 @@ row of bcp_minimal runs that differ in one flag, all at one budget, scored on va
     python ablation.py --work runs/ablation --report                    # table + figure only
 
 Budget: the ACDC_cpu preset at 600 + 1 200 iterations (3 labeled patients unless --labels),
-no test-time augmentation, the final student scored on the 20 val.list volumes: about 30 min a
-run in fp32 at one thread, two side by side on a 2-core AMD EPYC. Each run is
+no test-time augmentation, the final student scored on the 20 val.list volumes: 30 to 50 min a
+run (two days) in fp32 at one thread, two side by side on a 2-core AMD EPYC. Each run is
 `python bcp_minimal.py ... --out WORK/<row>/s<seed>`: a finished run (its metrics.json) is
-kept, a killed one resumed (--resume), so the command can be stopped and started again; the table is printed and written (WORK/table.md, table.json,
-figure.png) after every run. --jobs 2 runs two at a time, one thread each. docs/ablation/
-holds the metrics.json of the runs behind the README's table: `--work docs/ablation --report`
-rewrites it; copy docs/ablation into WORK and the grid goes on from there.
+kept, a killed one resumed (--resume), so the command can be stopped and started again;
+the table is printed and written (WORK/table.md, table.json, figure.png) after every run.
+--jobs 2 runs two at a time, one thread each. docs/ablation/ holds the metrics.json of the runs
+behind the README's table: `--work docs/ablation --report` rewrites it; copy docs/ablation into
+WORK and the grid goes on from there.
 
 The rule, fixed before any run and printed with the table: a row is called better or worse
 than "both" (BCP as the paper) only where the two means differ by more than the larger of the

@@ -39,6 +39,11 @@ def test_module_fits_one_sitting():
     assert max(map(len, lines)) <= 100
 
 
+def test_readme_fits_its_budget():
+    """The README is read whole by a newcomer: at most 20 000 bytes (new text replaces old)."""
+    assert len((ROOT / "README.md").read_bytes()) <= 20_000
+
+
 def test_one_nifti_reader_and_one_ct_window():
     """In the code (not its prose): nib.load called once (get_data.read_nifti), the CT window's
     -125 written once (get_data.CT_WINDOW)."""
