@@ -2,7 +2,7 @@
 row of bcp_minimal runs that differ in one flag, all at one budget, scored on val.list.
 
     python ablation.py --root data/ACDC --work runs/ablation            # the ablation table
-    python ablation.py --root data/ACDC --work runs/labels --labels     # 1, 3, 7 patients
+    python ablation.py --root data/ACDC --work runs/ablation --labels   # 1, 3, 7 patients
     python ablation.py --work runs/ablation --report                    # table + figure only
 
 Budget: the ACDC_cpu preset at 600 + 1 200 iterations (3 labeled patients unless --labels),
@@ -10,7 +10,8 @@ no test-time augmentation, the final student scored on the 20 val.list volumes: 
 run (two days) in fp32 at one thread, two side by side on a 2-core AMD EPYC. Each run is
 `python bcp_minimal.py ... --out WORK/<row>/s<seed>`: a finished run (its metrics.json) is
 kept, a killed one resumed (--resume), so the command can be stopped and started again;
-the table is printed and written (WORK/table.md, table.json, figure.png) after every run.
+the table is printed and written (WORK/table.md, table.json, figure.png; --labels: labels.md,
+labels.json, labels.png) after every run.
 --jobs 2 runs two at a time, one thread each. docs/ablation/ holds the metrics.json of the runs
 behind the README's table: `--work docs/ablation --report` rewrites it; copy docs/ablation into
 WORK and the grid goes on from there.
@@ -61,6 +62,13 @@ ROWS = [
 ]
 LABELS = [(f"{m}_{n}", f"{m}, {n} labeled patients", ["--method", m, "--labeled", str(n)], 2, "")
           for n in (1, 3, 7) for m in ("sup", "bcp")]
+# At 3 patients (ACDC_cpu's default) the label rows are the grid's sup and both rows, the same
+# command: in one WORK they share their runs (folders), so the curve costs 8 runs, not 12.
+FOLDER = {"sup_3": "sup", "bcp_3": "both"}
+
+
+def run_dir(work, name, seed):
+    return Path(work) / FOLDER.get(name, name) / f"s{seed}"
 
 
 def dice_of(folder):
@@ -78,7 +86,7 @@ def plan(rows, seeds=None):
 
 
 def command(row, seed, a):
-    out = Path(a.work) / row[0] / f"s{seed}"
+    out = run_dir(a.work, row[0], seed)
     resume = (out / "ckpt_last.pt").is_file()
     flags = (["--resume", "--out", str(out)] if resume else [
         *BUDGET, "--root", str(a.root), *row[2], "--seed", str(seed), "--out", str(out),
@@ -90,7 +98,7 @@ def summarize(rows, work):
     """-> [dict(row, what, dice per seed, mean, sd, verdict, paper)] with the rule applied."""
     table = []
     for name, what, _, n, paper in rows:
-        d = [dice_of(Path(work) / name / f"s{s}") for s in SEEDS[:n]]
+        d = [dice_of(run_dir(work, name, s)) for s in SEEDS[:n]]
         done = [x for x in d if x is not None]
         mean = statistics.mean(done) if done else None
         sd = statistics.stdev(done) if len(done) > 1 else None
@@ -167,10 +175,11 @@ def report(rows, a):
     text = markdown(table)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    (work / "table.md").write_text(text)
-    (work / "table.json").write_text(json.dumps({"rule": RULE, "budget": BUDGET,
-                                                 "rows": table}, indent=2))
-    figure(table, work / "figure.png", labels=a.labels)
+    stem = "labels" if a.labels else "table"  # labels.md/json/png beside table.md/json, figure
+    (work / f"{stem}.md").write_text(text)
+    (work / f"{stem}.json").write_text(json.dumps({"rule": RULE, "budget": BUDGET,
+                                                   "rows": table}, indent=2))
+    figure(table, work / ("labels.png" if a.labels else "figure.png"), labels=a.labels)
     print(text, flush=True)
     return table
 
@@ -193,7 +202,7 @@ def main(argv=None):
         report(rows, a)
         return 0
     order = sorted(rows, key=lambda r: a.rows.index(r[0])) if a.rows else rows
-    todo = [(r, s) for r, s in plan(order) if dice_of(Path(a.work) / r[0] / f"s{s}") is None]
+    todo = [(r, s) for r, s in plan(order) if dice_of(run_dir(a.work, r[0], s)) is None]
     env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if a.jobs > 1 else {})}
     running, failed = [], []
     while todo or running:

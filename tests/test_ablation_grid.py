@@ -44,14 +44,30 @@ def test_the_rule_by_hand(tmp_path):
 
 
 def test_label_efficiency_compares_bcp_with_sup_at_the_same_count(tmp_path):
-    for s, d in zip(ablation.SEEDS, (0.5, 0.52)):
-        fake(tmp_path, "sup_3", s, d)
+    for s, d in zip(ablation.SEEDS, (0.5, 0.52)):  # 3 patients: the grid's own sup and both runs
+        fake(tmp_path, "sup", s, d)
     for s, d in zip(ablation.SEEDS, (0.75, 0.76)):
-        fake(tmp_path, "bcp_3", s, d)
+        fake(tmp_path, "both", s, d)
+    fake(tmp_path, "bcp_1", 1337, 0.4)
     by = {r["row"]: r for r in ablation.summarize(ablation.LABELS, tmp_path)}
     assert by["bcp_3"]["verdict"] == "better (+0.245)" and by["sup_3"]["verdict"] == ""
+    assert by["bcp_1"]["dice"] == [0.4, None] and by["sup_7"]["mean"] is None
     ablation.figure(list(by.values()), tmp_path / "f.png", labels=True)
     assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_the_label_rows_at_3_patients_are_the_grids_commands():
+    """Sharing their folders is right only while ACDC_cpu's default is 3 labeled patients and
+    the flags are otherwise the grid's sup and both rows."""
+    import bcp_minimal
+    assert bcp_minimal.PRESETS["ACDC_cpu"]["labeled"] == 3
+    flags = {r[0]: r[2] for r in ablation.ROWS + ablation.LABELS}
+    assert flags["sup_3"] == flags["sup"] + ["--labeled", "3"]
+    assert flags["bcp_3"] == ["--method", "bcp", "--labeled", "3"] and flags["both"] == []
+    a = ablation.main.__globals__["argparse"].Namespace(work="W", root="R", extra="")
+    row = {r[0]: r for r in ablation.ROWS + ablation.LABELS}
+    assert ablation.command(row["bcp_3"], 2, a)[1] == ablation.command(row["both"], 2, a)[1]
+    assert ablation.command(row["bcp_7"], 2, a)[1].parent.name == "bcp_7"
 
 
 def test_a_killed_run_is_resumed_a_finished_one_kept(tmp_path):
