@@ -3,6 +3,7 @@ real (tiny) run of two rows through bcp_minimal.py on ACDC-like slices."""
 import json
 
 import pytest
+import torch
 from make_samples import make_acdc_samples
 
 import ablation
@@ -97,3 +98,17 @@ def test_two_rows_end_to_end_then_nothing_left_to_run(tmp_path, monkeypatch, cap
     assert (cfg["direction"], cfg["selftrain_iters"], cfg["eval_split"]) == ("none", 2, "val")
     assert (tmp_path / "w" / "figure.png").is_file()
     assert ablation.main(argv) == 0 and capsys.readouterr().out.count(" start ") == 0
+
+
+def test_box_share_by_hand_and_on_acdc_like_slices(tmp_path, capsys):
+    y = torch.zeros(1, 4, 4, dtype=torch.long)
+    y[0, 0, :] = 1  # 4 foreground pixels, 1 of them in the box
+    y[0, 3, 3] = 2  # 1 more, not in it
+    M = torch.ones(4, 4)
+    M[0:2, 3:4] = 0  # the box: (0, 3), (1, 3)
+    assert ablation.box_share(y, M) == pytest.approx(1 / 5)
+    assert ablation.box_share(torch.zeros(1, 4, 4), M) == 0
+    root = make_acdc_samples(tmp_path / "acdc", False, 5, 3, (40, 36))
+    assert 0 < ablation.coverage(root, draws=3) <= 1
+    assert ablation.main(["--root", str(root), "--coverage"]) == 0
+    assert "of the labeled foreground" in capsys.readouterr().out
