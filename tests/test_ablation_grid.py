@@ -62,11 +62,10 @@ def test_the_label_rows_at_3_patients_are_the_grids_commands():
     the flags are otherwise the grid's sup and both rows."""
     import bcp_minimal
     assert bcp_minimal.PRESETS["ACDC_cpu"]["labeled"] == 3
-    flags = {r[0]: r[2] for r in ablation.ROWS + ablation.LABELS}
-    assert flags["sup_3"] == flags["sup"] + ["--labeled", "3"]
-    assert flags["bcp_3"] == ["--method", "bcp", "--labeled", "3"] and flags["both"] == []
-    a = ablation.main.__globals__["argparse"].Namespace(work="W", root="R", extra="")
     row = {r[0]: r for r in ablation.ROWS + ablation.LABELS}
+    assert row["sup_3"][2] == row["sup"][2] + ["--labeled", "3"]
+    assert row["bcp_3"][2] == ["--method", "bcp", "--labeled", "3"] and row["both"][2] == []
+    a = ablation.main.__globals__["argparse"].Namespace(work="W", root="R", extra="")
     assert ablation.command(row["bcp_3"], 2, a)[1] == ablation.command(row["both"], 2, a)[1]
     assert ablation.command(row["bcp_7"], 2, a)[1].parent.name == "bcp_7"
 
