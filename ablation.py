@@ -132,7 +132,8 @@ def markdown(table):
         ms = "" if r["mean"] is None else f"{r['mean']:.3f}" + (
             "" if r["sd"] is None else f" ± {r['sd']:.3f}")
         lines.append(f"| {r['what']} | {seeds} | {ms} | {r['verdict']} | {r['paper']} |")
-    return "\n".join(lines) + f"\n\nRule: {RULE}.\n"
+    rule = RULE.replace("'both'", "sup at the same count") if ref == "vs sup" else RULE
+    return "\n".join(lines) + f"\n\nRule: {rule}.\n"
 
 
 def figure(table, path, labels=False):

@@ -55,6 +55,7 @@ def test_label_efficiency_compares_bcp_with_sup_at_the_same_count(tmp_path):
     assert by["bcp_1"]["dice"] == [0.4, None] and by["sup_7"]["mean"] is None
     ablation.figure(list(by.values()), tmp_path / "f.png", labels=True)
     assert (tmp_path / "f.png").stat().st_size > 1000
+    assert "than sup at the same count only" in ablation.markdown(list(by.values()))
 
 
 def test_the_label_rows_at_3_patients_are_the_grids_commands():
