@@ -455,12 +455,11 @@ PRECISION = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # amp
 
 def amp_dtype(mode, device):
     """-> the autocast dtype of --amp `mode` on `device`; None: fp32. CUDA: bf16 at compute
-    capability >= 8.0, else fp16 (a T4 emulates bf16). CPU, "auto": bf16 where it measured
-    faster (docs/choices.md): AMX (1.5x a step) or AMD's AVX512-BF16 (1.7x); else fp32."""
-    amx, avx512_bf16 = [getattr(torch.cpu, f, lambda: False)() for f in (
-        "_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    capability >= 8.0, else fp16 (a T4 emulates bf16). CPU, "auto": bf16 with AMX (1.5x a
+    step, docs/choices.md), else fp32 (AMD AVX512-BF16: 1.7x, but non-finite losses on Zen 5)."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     if mode == "auto" and device.type == "cpu":
-        mode = "on" if amx or (avx512_bf16 and cpu_vendor() == "AMD") else "off"
+        mode = "on" if amx else "off"
     if mode == "off" or device.type == "mps":
         return None
     if device.type == "cpu":

@@ -257,7 +257,7 @@ def test_a_killed_curve_run_resumes_and_its_minutes_go_on(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("vendor, amx, flags, says", [
-    ("AuthenticAMD", False, "avx2 avx512f avx512_bf16", "AMX no, AVX512-BF16 yes; --amp auto: bf16"),
+    ("AuthenticAMD", False, "avx2 avx512f avx512_bf16", "AMX no, AVX512-BF16 yes; --amp auto: fp32"),
     ("GenuineIntel", False, "avx2 avx512f avx512_bf16", "AMX no, AVX512-BF16 yes; --amp auto: fp32"),
     ("GenuineIntel", True, "avx512_bf16 amx_tile", "AMX yes, AVX512-BF16 yes; --amp auto: bf16"),
 ])

@@ -199,7 +199,7 @@ def test_real_la_full_size_two_iterations(tmp_path):
 
 @pytest.mark.parametrize("vendor, amx, avx512_bf16, auto_bf16", [
     ("Intel", True, True, True),     # Xeon 4th gen+ (AMX): bf16 1.5x faster
-    ("AMD", False, True, True),      # EPYC / Ryzen Zen 4+: AVX512-BF16, no AMX: 1.7x faster
+    ("AMD", False, True, False),     # Zen 4+: AVX512-BF16, 1.7x faster, but NaN losses on Zen 5
     ("Intel", False, True, False),   # Xeon 3rd gen (Cooper Lake): bf16 1.1-1.2x slower
     ("", False, True, False),        # AVX512-BF16 from an unknown vendor: not measured
     ("AMD", False, False, False),    # AVX2 only: bf16 would be emulated
@@ -207,7 +207,7 @@ def test_real_la_full_size_two_iterations(tmp_path):
 ])
 def test_amp_auto_on_cpu_is_bf16_where_it_measured_faster(monkeypatch, vendor, amx, avx512_bf16,
                                                            auto_bf16):
-    """CPU: --amp auto is bf16 with AMX, or AVX512-BF16 on AMD, fp32 elsewhere (docs/choices.md);
+    """CPU: --amp auto is bf16 with AMX, fp32 elsewhere (docs/choices.md);
     on: bf16 anyway; off: fp32 anyway; never a GradScaler (bf16 needs none)."""
     conv, x = torch.nn.Conv3d(1, 2, 3), torch.randn(1, 1, 4, 4, 4)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
@@ -251,8 +251,11 @@ def test_cpu_vendor_without_proc_cpuinfo_reads_platform(monkeypatch, processor, 
 @pytest.mark.parametrize("amp, said", [("off", "fp32 (--amp off)"), ("on", "bf16 (--amp on)")])
 def test_training_says_its_device_threads_and_precision(tiny_data, tmp_path, capsys, amp, said):
     """The first line of a run names what --amp chose, so that a CPU run's speed can be read."""
-    bm.train(tiny_cfg(tiny_data, tmp_path, amp=amp, pretrain_iters=1, selftrain_iters=1),
-             progress=False)
+    try:  # CPU bf16 gives non-finite losses on some AMD CPUs (docs/choices.md): the line counts
+        bm.train(tiny_cfg(tiny_data, tmp_path, amp=amp, pretrain_iters=1, selftrain_iters=1),
+                 progress=False)
+    except bm.UserError:
+        assert amp == "on" and bm.cpu_vendor() == "AMD"
     assert capsys.readouterr().out.splitlines()[0] == (
         f"bcp on cpu, {torch.get_num_threads()} threads, {said}")
 
