@@ -15,9 +15,9 @@ Side by side (--official DIR, a checkout of github.com/DeepMed-Lab-ECNU/BCP kept
 project): on the same machine and --device (auto: CUDA if there is one, else CPU, where the
 official code's .cuda() calls become no-ops), one after the other, the official LA script and
 bcp_minimal train with the same data, labeled cases, crop and budget; both final models are scored
-by the same evaluation (bm.evaluate: sliding windows, largest component, medpy-equal metrics) on
-the same held-out cases: a validation split (the last --val cases of train.list, which neither
-trains on) and the data's test.list. The official code is copied to a work folder and changed only
+by the same evaluation (bm.evaluate: sliding windows, largest component, medpy-equal metrics,
+no TTA) on the same held-out cases: a validation split (the last --val cases of train.list, which
+neither trains on) and the data's test.list. The official code is copied to a work folder and changed only
 where a CPU and this comparison need it: the file edits of OFFICIAL_PATCHES (each printed as it is
 made) and driver.py, written beside them (DRIVER: on a CPU .cuda() becomes a no-op, torchvision's
 Compose is replaced by 5 lines, and the test-set checkpoint selection is switched off so that the
@@ -348,7 +348,8 @@ def side_by_side_acdc(a):
     if "ACDC" not in str(root):  # the official patients_to_slices looks for it in the path
         raise SystemExit(f"{root}: the official ACDC script needs 'ACDC' in the data path")
     cfg = bm.make_config("ACDC_cpu", root=str(root), seed=a.seed, device="cpu", eval_split="val",
-                         pretrain_iters=a.pretrain_iters, selftrain_iters=a.selftrain_iters)
+                         pretrain_iters=a.pretrain_iters, selftrain_iters=a.selftrain_iters,
+                         eval_tta=False)  # both scored plain: the official code has no TTA
     if a.official and (cfg.pretrain_iters % 200 or cfg.selftrain_iters % 200):
         raise SystemExit("the official script saves every 200 iterations: budgets of 200s")
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "BCP_DEVICE": "cpu",
@@ -456,7 +457,8 @@ def curve(a):
     over.update({k: v for k, v in (("top_convs", a.top_convs), ("skip", a.skip)) if v})
     cfg = bm.make_config(a.data, root=str(root), seed=a.seed, device="cpu", eval_split="val",
                          pretrain_iters=a.pretrain_iters, selftrain_iters=a.selftrain_iters,
-                         amp=a.amp, out=str(out), log_every=math.gcd(20, a.every), **over)
+                         amp=a.amp, out=str(out), log_every=math.gcd(20, a.every), eval_tta=False,
+                         **over)  # scored plain, both codes: the official code has no TTA
     snaps, state, spent = out / "snapshots", None, 0.0  # log_every: a log line every --every
     if not (out / "final.pt").exists() and (out / "ckpt_last.pt").exists():
         state = gd.load_checkpoint(out / "ckpt_last.pt")  # a killed curve run goes on from its
@@ -723,7 +725,8 @@ def side_by_side(a):
            "BCP_PATCH": ",".join(map(str, a.patch))}
     cfg = bm.make_config("LA_half", root=str(root), labeled=a.labeled, patch=tuple(a.patch),
                          pretrain_iters=a.pretrain_iters, selftrain_iters=a.selftrain_iters,
-                         eval_stride=tuple(a.eval_stride), device=str(device), seed=a.seed)
+                         eval_stride=tuple(a.eval_stride), device=str(device), seed=a.seed,
+                         eval_tta=False)  # both scored plain: the official code has no TTA
     rows = []
     code = work / "official"
 

@@ -125,7 +125,7 @@ def test_driver_makes_cuda_a_no_op_only_off_cuda():
         assert run("cuda").returncode != 0
 
 
-def test_side_by_side_trains_and_scores_bcp_minimal(tiny_data, tmp_path):
+def test_side_by_side_trains_and_scores_bcp_minimal(tiny_data, tmp_path, monkeypatch):
     """The side-by-side mode without --official: bcp_minimal trains through its command line on
     the split (--amp, --top-convs, --skip passed on), then student and teacher are scored on the
     held-out lists; a second call reuses the finished run instead of training again."""
@@ -133,7 +133,10 @@ def test_side_by_side_trains_and_scores_bcp_minimal(tiny_data, tmp_path):
             "--labeled", "2", "--pretrain-iters", "2", "--selftrain-iters", "2", "--patch", "16",
             "16", "16", "--eval-stride", "8", "8", "8", "--device", "cpu", "--threads", "1", "--amp", "off", "--top-convs", "1",
             "--skip", "add"]
+    scored, evaluate = [], bm.evaluate  # every score plain (no TTA), as the official code's
+    monkeypatch.setattr(bm, "evaluate", lambda net, cfg, **k: scored.append(cfg.eval_tta) or evaluate(net, cfg, **k))
     res = benchmark.main(argv)
+    assert scored == [False] * 4  # student and teacher, val and test
     cfg = json.loads((tmp_path / "w" / "bcp_minimal" / "config.json").read_text())
     assert (cfg["amp"], cfg["top_convs"], cfg["skip"]) == ("off", 1, "add")  # passed on;
     # scored as that network
@@ -178,7 +181,8 @@ def test_la_curve_adds_the_official_checkpoints_at_the_same_iterations(tiny_data
         for i in its:
             torch.save({}, official / "model" / stage / f"iter_{i}_dice_{i}.0.pth")
     (official / "times.json").write_text(json.dumps({"pretrain_s": 60, "selftrain_s": 120}))
-    loaded = []
+    loaded, scored, evaluate = [], [], bm.evaluate  # both codes scored plain (the preset has TTA)
+    monkeypatch.setattr(bm, "evaluate", lambda net, cfg, **k: scored.append(cfg.eval_tta) or evaluate(net, cfg, **k))
     monkeypatch.setattr(benchmark, "official_net", lambda data, code, path: loaded.append(
         (data, path.parent.name, path.name)) or bm.UNet(1, 2, 2))
     points = benchmark.main(["--curve", "--root", str(tiny_data), "--work", str(tmp_path / "w"), "--val",
@@ -187,6 +191,7 @@ def test_la_curve_adds_the_official_checkpoints_at_the_same_iterations(tiny_data
     ours = [p for p in points if p["run"] == "bcp_minimal"]
     theirs = [p for p in points if p["run"] == "official"]
     assert [p["iter"] for p in ours] == [2, 4, 6] and [p["iter"] for p in theirs] == [2, 4, 6]
+    assert scored and not any(scored)
     assert [p["minutes"] for p in theirs] == [1.0, 2.0, 3.0]  # 60 s * 2/2; (60 + 120 * 2/4) s; 180 s
     assert loaded == [("LA_half", "pre_train", "iter_2_dice_2.0.pth"),
                       ("LA_half", "self_train", "iter_2_dice_2.0.pth"),
@@ -207,17 +212,20 @@ def test_la_curve_adds_the_official_checkpoints_at_the_same_iterations(tiny_data
     assert drawn == [["bcp_minimal"], ["bcp_minimal", "official"]]
 
 
-def test_acdc_side_by_side_trains_bcp_minimal_at_the_given_budget(tmp_path):
+def test_acdc_side_by_side_trains_bcp_minimal_at_the_given_budget(tmp_path, monkeypatch):
     """--side-by-side --data ACDC_cpu without --official: bcp_minimal alone, through its command
     line, at --pretrain-iters / --selftrain-iters (the budget both sides share) with the network
     asked for, scored on val as that network."""
     from make_samples import make_acdc_samples
 
     root = make_acdc_samples(tmp_path / "ACDC", False, 6, 3, (40, 36))
+    scored, evaluate = [], bm.evaluate  # plain (no TTA), as the official code's
+    monkeypatch.setattr(bm, "evaluate", lambda net, cfg, **k: scored.append(cfg.eval_tta) or evaluate(net, cfg, **k))
     res = benchmark.main(["--side-by-side", "--data", "ACDC_cpu", "--root", str(root), "--work",
                           str(tmp_path / "w"), "--pretrain-iters", "2", "--selftrain-iters", "4",
                           "--threads", "1", "--amp", "off", "--top-convs", "1", "--skip", "add"])
     assert [r["run"] for r in res] == ["bcp_minimal ACDC_cpu (U-Net)"] and 0 <= res[0]["val_dice"] <= 1
+    assert scored == [False]
     cfg = json.loads((tmp_path / "w" / "bcp_minimal" / "config.json").read_text())
     assert (cfg["pretrain_iters"], cfg["selftrain_iters"], cfg["amp"], cfg["eval_split"]) == (2, 4, "off", "none")
     assert (cfg["top_convs"], cfg["skip"]) == (1, "add")  # passed on (scored as it: the weights load)
