@@ -19,6 +19,15 @@ import benchmark
 import get_data as gd
 
 
+@pytest.fixture
+def scored(monkeypatch):
+    """The eval_tta of every bm.evaluate call, in order: the side by sides and curves score both
+    codes plain (the official code has no TTA; the LA_half and ACDC_cpu presets do)."""
+    calls, evaluate = [], bm.evaluate
+    monkeypatch.setattr(bm, "evaluate", lambda net, cfg, **k: calls.append(cfg.eval_tta) or evaluate(net, cfg, **k))
+    return calls
+
+
 def test_benchmark_times_the_real_step(tmp_path, monkeypatch):
     calls = []
     real = bm.train_step
@@ -125,7 +134,7 @@ def test_driver_makes_cuda_a_no_op_only_off_cuda():
         assert run("cuda").returncode != 0
 
 
-def test_side_by_side_trains_and_scores_bcp_minimal(tiny_data, tmp_path, monkeypatch):
+def test_side_by_side_trains_and_scores_bcp_minimal(tiny_data, tmp_path, scored):
     """The side-by-side mode without --official: bcp_minimal trains through its command line on
     the split (--amp, --top-convs, --skip passed on), then student and teacher are scored on the
     held-out lists; a second call reuses the finished run instead of training again."""
@@ -133,8 +142,6 @@ def test_side_by_side_trains_and_scores_bcp_minimal(tiny_data, tmp_path, monkeyp
             "--labeled", "2", "--pretrain-iters", "2", "--selftrain-iters", "2", "--patch", "16",
             "16", "16", "--eval-stride", "8", "8", "8", "--device", "cpu", "--threads", "1", "--amp", "off", "--top-convs", "1",
             "--skip", "add"]
-    scored, evaluate = [], bm.evaluate  # every score plain (no TTA), as the official code's
-    monkeypatch.setattr(bm, "evaluate", lambda net, cfg, **k: scored.append(cfg.eval_tta) or evaluate(net, cfg, **k))
     res = benchmark.main(argv)
     assert scored == [False] * 4  # student and teacher, val and test
     cfg = json.loads((tmp_path / "w" / "bcp_minimal" / "config.json").read_text())
@@ -171,7 +178,8 @@ def test_acdc_curve_scores_a_snapshot_every_n_iterations(tmp_path):
     assert (tmp_path / "w" / "curve.png").stat().st_size > 10_000
 
 
-def test_la_curve_adds_the_official_checkpoints_at_the_same_iterations(tiny_data, tmp_path, monkeypatch):
+def test_la_curve_adds_the_official_checkpoints_at_the_same_iterations(tiny_data, tmp_path, monkeypatch,
+                                                                      scored):
     """LA_half: trained on the side by side's split, scored on its val cases; the official run's
     checkpoints found in --work (faked here: no test needs the official code) join at multiples
     of --every, each at its stage's share of the official stage times."""
@@ -181,8 +189,7 @@ def test_la_curve_adds_the_official_checkpoints_at_the_same_iterations(tiny_data
         for i in its:
             torch.save({}, official / "model" / stage / f"iter_{i}_dice_{i}.0.pth")
     (official / "times.json").write_text(json.dumps({"pretrain_s": 60, "selftrain_s": 120}))
-    loaded, scored, evaluate = [], [], bm.evaluate  # both codes scored plain (the preset has TTA)
-    monkeypatch.setattr(bm, "evaluate", lambda net, cfg, **k: scored.append(cfg.eval_tta) or evaluate(net, cfg, **k))
+    loaded = []
     monkeypatch.setattr(benchmark, "official_net", lambda data, code, path: loaded.append(
         (data, path.parent.name, path.name)) or bm.UNet(1, 2, 2))
     points = benchmark.main(["--curve", "--root", str(tiny_data), "--work", str(tmp_path / "w"), "--val",
@@ -212,15 +219,13 @@ def test_la_curve_adds_the_official_checkpoints_at_the_same_iterations(tiny_data
     assert drawn == [["bcp_minimal"], ["bcp_minimal", "official"]]
 
 
-def test_acdc_side_by_side_trains_bcp_minimal_at_the_given_budget(tmp_path, monkeypatch):
+def test_acdc_side_by_side_trains_bcp_minimal_at_the_given_budget(tmp_path, scored):
     """--side-by-side --data ACDC_cpu without --official: bcp_minimal alone, through its command
     line, at --pretrain-iters / --selftrain-iters (the budget both sides share) with the network
     asked for, scored on val as that network."""
     from make_samples import make_acdc_samples
 
     root = make_acdc_samples(tmp_path / "ACDC", False, 6, 3, (40, 36))
-    scored, evaluate = [], bm.evaluate  # plain (no TTA), as the official code's
-    monkeypatch.setattr(bm, "evaluate", lambda net, cfg, **k: scored.append(cfg.eval_tta) or evaluate(net, cfg, **k))
     res = benchmark.main(["--side-by-side", "--data", "ACDC_cpu", "--root", str(root), "--work",
                           str(tmp_path / "w"), "--pretrain-iters", "2", "--selftrain-iters", "4",
                           "--threads", "1", "--amp", "off", "--top-convs", "1", "--skip", "add"])
